@@ -1,0 +1,16 @@
+"""The Django app configuration: registers the system checks."""
+
+from __future__ import annotations
+
+from django.apps import AppConfig
+
+
+class SocketMailConfig(AppConfig):
+    """django-socketmail's app: audit log models, admin, checks and commands."""
+
+    name = "django_socketmail"
+    verbose_name = "Socket mail"
+    default_auto_field = "django.db.models.BigAutoField"
+
+    def ready(self) -> None:
+        from . import checks  # noqa: F401  (registers the checks)

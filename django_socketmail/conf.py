@@ -1,0 +1,305 @@
+"""Options: one vocabulary, one table, one place that reads settings.
+
+Every option a backend understands is listed in :data:`OPTIONS` with its type, default
+and documentation; the README's options table mirrors it (a test keeps them in step).
+
+Precedence, first found wins:
+
+1. the backend's keyword arguments (``MAILERS[alias]["OPTIONS"]`` on Django 6.1, or
+   ``get_connection(**kwargs)``);
+2. for Django's own SMTP options, and only when the backend was not built from
+   ``MAILERS``, the ``EMAIL_*`` settings (``EMAIL_HOST``, ``EMAIL_PORT``, ...);
+3. for django-socketmail's own options, the project-wide ``SOCKETMAIL`` settings dict;
+4. the default in :data:`OPTIONS`.
+
+Settings are read when a backend is built, never at import, so ``override_settings``
+works.  Invalid values raise ``ImproperlyConfigured`` naming the option and where it came
+from; ``fail_silently`` never swallows them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, Final
+
+from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
+
+from .smtp import DEFAULT_TIMEOUT, ClientConfig, TLSMode
+from .smtp.sasl import DEFAULT_PREFERENCE, MECHANISMS
+
+__all__ = ["OPTIONS", "BackendOptions", "Option", "resolve_options", "socketmail_setting"]
+
+
+@dataclass(frozen=True, slots=True)
+class Option:
+    """One option: its type as documented, its default, the ``EMAIL_*`` setting it falls back
+    to (Django's options only) and a one-line description."""
+
+    type: str
+    default: Any
+    doc: str
+    django_setting: str | None = None
+
+
+OPTIONS: Final[dict[str, Option]] = {
+    # Django's SMTP backend options, same names and meaning.
+    "host": Option("str", "localhost", "SMTP server host name.", "EMAIL_HOST"),
+    "port": Option(
+        "int | None",
+        None,
+        "Server port; default 465 with use_ssl, 587 with use_tls, else 25.",
+        "EMAIL_PORT",
+    ),
+    "username": Option("str", "", "User name for SMTP AUTH; empty: no AUTH.", "EMAIL_HOST_USER"),
+    "password": Option("str", "", "Password for SMTP AUTH.", "EMAIL_HOST_PASSWORD"),
+    "use_tls": Option("bool", False, "STARTTLS, required (fails if not offered).", "EMAIL_USE_TLS"),
+    "use_ssl": Option(
+        "bool", False, "Implicit TLS from the first byte (port 465).", "EMAIL_USE_SSL"
+    ),
+    "timeout": Option(
+        "float | None",
+        None,
+        f"Seconds allowed for each reply and write; None means {DEFAULT_TIMEOUT:g}.",
+        "EMAIL_TIMEOUT",
+    ),
+    "ssl_certfile": Option("str | None", None, "Client certificate (PEM).", "EMAIL_SSL_CERTFILE"),
+    "ssl_keyfile": Option("str | None", None, "Client certificate key (PEM).", "EMAIL_SSL_KEYFILE"),
+    "fail_silently": Option("bool", False, "Swallow SMTP and network errors (not config errors)."),
+    # django-socketmail's own options.
+    "auth_mechanisms": Option(
+        "list[str]",
+        list(DEFAULT_PREFERENCE),
+        "SASL mechanisms to use, in order of preference (CRAM-MD5, PLAIN, LOGIN).",
+    ),
+    "allow_cleartext_auth": Option(
+        "bool",
+        False,
+        "Allow PLAIN/LOGIN (password sent as is) without TLS.",
+    ),
+    "ssl_cafile": Option("str | None", None, "CA bundle to verify the server with (PEM)."),
+    "ssl_verify": Option("bool", True, "Verify the server certificate and host name."),
+    "local_hostname": Option("str | None", None, "Name sent with EHLO; default: this host's FQDN."),
+    "pipelining": Option("bool", True, "Use PIPELINING when the server offers it (RFC 2920)."),
+    "audit_log": Option("bool", True, "Record every SMTP conversation in the audit log."),
+    "audit_body_bytes": Option(
+        "int",
+        0,
+        "Store up to this many bytes of each message in the audit log; 0: none.",
+    ),
+    "audit_database": Option(
+        "str | None",
+        None,
+        "Database alias for the audit log; default: the router's choice (usually 'default').",
+    ),
+    "audit_retention_days": Option(
+        "int | None",
+        90,
+        "Audit rows older than this are removed by socketmail_prune.",
+    ),
+}
+
+DJANGO_OPTIONS: Final = frozenset(name for name, o in OPTIONS.items() if o.django_setting) | {
+    "fail_silently"
+}
+OWN_OPTIONS: Final = frozenset(OPTIONS) - DJANGO_OPTIONS
+
+
+def socketmail_setting(name: str) -> Any:
+    """Project-wide value of one of our own options: ``SOCKETMAIL[name]`` or its default."""
+    project = getattr(settings, "SOCKETMAIL", {}) or {}
+    return project.get(name, OPTIONS[name].default)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BackendOptions:
+    """The resolved, validated options of one backend instance.  The password is never in
+    its ``repr()``."""
+
+    host: str
+    port: int
+    username: str
+    password: str = field(repr=False)
+    use_tls: bool
+    use_ssl: bool
+    timeout: float
+    ssl_certfile: str | None
+    ssl_keyfile: str | None
+    fail_silently: bool
+    auth_mechanisms: tuple[str, ...]
+    allow_cleartext_auth: bool
+    ssl_cafile: str | None
+    ssl_verify: bool
+    local_hostname: str | None
+    pipelining: bool
+    audit_log: bool
+    audit_body_bytes: int
+    audit_database: str | None
+    audit_retention_days: int | None
+
+    def client_config(self) -> ClientConfig:
+        """The SMTP client's configuration for these options."""
+        if self.use_ssl:
+            tls = TLSMode.IMPLICIT
+        elif self.use_tls:
+            tls = TLSMode.STARTTLS
+        else:
+            tls = TLSMode.NONE
+        return ClientConfig(
+            host=self.host,
+            port=self.port,
+            tls=tls,
+            timeout=self.timeout,
+            username=self.username or None,
+            password=self.password or None,
+            auth_mechanisms=self.auth_mechanisms,
+            allow_cleartext_auth=self.allow_cleartext_auth,
+            local_hostname=self.local_hostname,
+            ssl_cafile=self.ssl_cafile,
+            ssl_certfile=self.ssl_certfile,
+            ssl_keyfile=self.ssl_keyfile,
+            ssl_verify=self.ssl_verify,
+            pipelining=self.pipelining,
+        )
+
+
+def resolve_options(given: Mapping[str, Any], *, from_mailers: bool, source: str) -> BackendOptions:
+    """Resolve every option by the module's precedence and validate it.
+
+    ``given`` holds the options passed to the backend (``None`` values count as not given,
+    as in Django's backend); ``source`` names where they came from for error messages
+    (``"MAILERS['default']['OPTIONS']"``).
+    """
+    values: dict[str, Any] = {}
+    origins: dict[str, str] = {}
+    project = getattr(settings, "SOCKETMAIL", {}) or {}
+    if not isinstance(project, Mapping):
+        raise ImproperlyConfigured("SOCKETMAIL must be a dict of django-socketmail options.")
+    unknown = sorted(set(project) - OWN_OPTIONS)
+    if unknown:
+        raise ImproperlyConfigured(
+            f"SOCKETMAIL has unknown option(s) {', '.join(map(repr, unknown))}; "
+            f"known: {', '.join(sorted(OWN_OPTIONS))}."
+        )
+    for name, option in OPTIONS.items():
+        if given.get(name) is not None:
+            values[name], origins[name] = given[name], f"{source}[{name!r}]"
+        elif option.django_setting and not from_mailers:
+            values[name] = getattr(settings, option.django_setting, option.default)
+            origins[name] = option.django_setting
+        elif name in project:
+            values[name], origins[name] = project[name], f"SOCKETMAIL[{name!r}]"
+        else:
+            values[name], origins[name] = option.default, f"the default of {name!r}"
+    for name, check in _VALIDATORS.items():
+        try:
+            values[name] = check(values[name])
+        except (TypeError, ValueError) as error:
+            raise ImproperlyConfigured(f"{origins[name]}: {error}") from None
+    if values["use_tls"] and values["use_ssl"]:
+        raise ImproperlyConfigured(
+            f"{origins['use_tls']} and {origins['use_ssl']} are both true: use_tls (STARTTLS) "
+            "and use_ssl (implicit TLS) are mutually exclusive; set one of them."
+        )
+    if values["port"] is None:
+        values["port"] = 465 if values["use_ssl"] else 587 if values["use_tls"] else 25
+    if values["timeout"] is None:
+        values["timeout"] = DEFAULT_TIMEOUT
+    for name in ("ssl_certfile", "ssl_keyfile", "ssl_cafile"):
+        path = values[name]
+        if path is not None and not os.path.isfile(path):
+            raise ImproperlyConfigured(f"{origins[name]}: file {path!r} does not exist.")
+    known = {f.name for f in fields(BackendOptions)}
+    return BackendOptions(**{k: v for k, v in values.items() if k in known})
+
+
+def _string(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"expected a string, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _secret(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"expected a string, got {type(value).__name__} (value not shown)")
+    return value
+
+
+def _optional_string(value: Any) -> str | None:
+    return None if value is None or value == "" else _string(value)
+
+
+def _boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"expected True or False, got {value!r}")
+    return value
+
+
+def _port(value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 65536:
+        raise ValueError(f"expected a port number 1-65535, got {value!r}")
+    return value
+
+
+def _timeout(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ValueError(f"expected a number of seconds > 0 (or None), got {value!r}")
+    return float(value)
+
+
+def _mechanisms(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str) or not isinstance(value, (list, tuple)):
+        raise TypeError(f"expected a list of mechanism names, got {value!r}")
+    names = tuple(_string(v).upper() for v in value)
+    unknown = [n for n in names if n not in MECHANISMS]
+    if unknown:
+        raise ValueError(
+            f"unknown SASL mechanism(s) {', '.join(unknown)}; supported: {', '.join(MECHANISMS)}"
+        )
+    return names
+
+
+def _non_negative(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"expected a whole number >= 0, got {value!r}")
+    return value
+
+
+def _optional_days(value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"expected a number of days >= 1 (or None to keep forever), got {value!r}")
+    return value
+
+
+_VALIDATORS: Final[dict[str, Callable[[Any], Any]]] = {
+    "host": _string,
+    "port": _port,
+    "username": lambda v: "" if v is None else _string(v),
+    "password": lambda v: "" if v is None else _secret(v),
+    "use_tls": _boolean,
+    "use_ssl": _boolean,
+    "timeout": _timeout,
+    "ssl_certfile": _optional_string,
+    "ssl_keyfile": _optional_string,
+    "fail_silently": _boolean,
+    "auth_mechanisms": _mechanisms,
+    "allow_cleartext_auth": _boolean,
+    "ssl_cafile": _optional_string,
+    "ssl_verify": _boolean,
+    "local_hostname": _optional_string,
+    "pipelining": _boolean,
+    "audit_log": _boolean,
+    "audit_body_bytes": _non_negative,
+    "audit_database": _optional_string,
+    "audit_retention_days": _optional_days,
+}

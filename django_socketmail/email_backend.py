@@ -1,0 +1,222 @@
+"""The Django email backend: Django's SMTP backend contract on django-socketmail's client.
+
+``EMAIL_BACKEND = "django_socketmail.backend"`` or, on Django 6.1, a ``MAILERS`` entry with
+``"BACKEND": "django_socketmail.backend"``.  Same options and behaviour as
+``django.core.mail.backends.smtp.EmailBackend``: :meth:`open` returns True when it opened
+the connection, False when one was open, None when it failed silently; a connection is
+only kept once fully set up; :meth:`send_messages` holds a per-instance lock and returns how
+many messages the server accepted for at least one recipient.
+
+After sending, every ``EmailMessage`` carries a
+:class:`~django_socketmail.smtp.SendResult` as ``message.socketmail_result``.
+"""
+
+from __future__ import annotations
+
+import email.policy
+import threading
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Final
+
+import django
+from django.core.exceptions import ImproperlyConfigured
+from django.core.mail.backends.base import BaseEmailBackend
+
+from .conf import OPTIONS, BackendOptions, resolve_options
+from .smtp import SendResult, SendStatus, SMTPClient, SocketMailError, Transcript
+
+if TYPE_CHECKING:
+    from django.core.mail import EmailMessage
+
+__all__ = ["RESULT_ATTRIBUTE", "EmailBackend"]
+
+RESULT_ATTRIBUTE: Final = "socketmail_result"
+"""Name of the attribute set on each sent ``EmailMessage``: its :class:`SendResult`."""
+
+_HAS_MAILERS: Final = django.VERSION >= (6, 1)
+_MODERN_MESSAGE: Final = django.VERSION >= (6, 0)
+
+
+class EmailBackend(BaseEmailBackend):
+    """Send mail through django-socketmail's own SMTP client and record it in the audit log."""
+
+    def __init__(
+        self,
+        host: str | None = None,
+        port: int | None = None,
+        username: str | None = None,
+        password: str | None = None,
+        use_tls: bool | None = None,
+        fail_silently: bool = False,
+        use_ssl: bool | None = None,
+        timeout: float | None = None,
+        ssl_keyfile: str | None = None,
+        ssl_certfile: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        alias = kwargs.get("alias")
+        given: dict[str, Any] = {
+            "host": host,
+            "port": port,
+            "username": username,
+            "password": password,
+            "use_tls": use_tls,
+            "use_ssl": use_ssl,
+            "timeout": timeout,
+            "ssl_keyfile": ssl_keyfile,
+            "ssl_certfile": ssl_certfile,
+            "fail_silently": fail_silently,
+        }
+        for name in list(kwargs):
+            if name in OPTIONS:
+                given[name] = kwargs.pop(name)
+        if _HAS_MAILERS:
+            # Unknown options raise InvalidMailer (with an alias) from Django itself.
+            if alias is None:
+                self._refuse_unknown(kwargs)
+            super().__init__(**kwargs)
+        else:
+            kwargs.pop("alias", None)
+            self._refuse_unknown(kwargs)
+            super().__init__(fail_silently=bool(fail_silently))
+        source = f"MAILERS[{alias!r}]['OPTIONS']" if alias is not None else "the backend's options"
+        self.options: BackendOptions = resolve_options(
+            given, from_mailers=alias is not None, source=source
+        )
+        self.fail_silently = self.options.fail_silently
+        self.client: SMTPClient | None = None
+        self._lock = threading.RLock()
+
+    @staticmethod
+    def _refuse_unknown(kwargs: dict[str, Any]) -> None:
+        unknown = sorted(k for k in kwargs if not k.startswith("_"))
+        if unknown:
+            raise ImproperlyConfigured(
+                f"Unknown django-socketmail option(s) {', '.join(map(repr, unknown))}; "
+                f"known: {', '.join(OPTIONS)}."
+            )
+
+    # Django's SMTP backend exposes these; code in the wild reads them.
+    @property
+    def host(self) -> str:
+        return self.options.host
+
+    @property
+    def port(self) -> int:
+        return self.options.port
+
+    @property
+    def use_tls(self) -> bool:
+        return self.options.use_tls
+
+    @property
+    def use_ssl(self) -> bool:
+        return self.options.use_ssl
+
+    @property
+    def timeout(self) -> float:
+        return self.options.timeout
+
+    @property
+    def connection(self) -> SMTPClient | None:
+        """The open session, as Django's backend names it (None when closed)."""
+        return self.client
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.options.host}:{self.options.port}>"
+
+    # -- connection lifecycle -------------------------------------------------------------
+
+    def open(self) -> bool | None:
+        """Ensure an open, fully set-up session.
+
+        Returns True if this call opened it, False if one was already open, None if opening
+        failed and ``fail_silently`` is set.
+        """
+        with self._lock:
+            if self.client is not None and self.client.is_connected:
+                return False
+            self._discard_client()
+            client = SMTPClient(self.options.client_config(), transcript=Transcript())
+            try:
+                client.connect()
+            except SocketMailError as error:
+                self._record_session(client, error)
+                if not self.fail_silently:
+                    raise
+                return None
+            self.client = client
+            return True
+
+    def close(self) -> None:
+        """QUIT (falling back to closing the socket) and forget the session.  Never raises
+        for a dead server."""
+        with self._lock:
+            client, self.client = self.client, None
+            if client is not None:
+                client.quit()
+                self._record_session(client, None)
+
+    def _discard_client(self) -> None:
+        client, self.client = self.client, None
+        if client is not None:
+            client.close()
+            self._record_session(client, None)
+
+    # -- sending ------------------------------------------------------------------------
+
+    def send_messages(self, email_messages: Sequence[EmailMessage]) -> int:
+        """Send each message; return how many the server accepted for at least one recipient.
+
+        Per-message results land on ``message.socketmail_result``.  Unless
+        ``fail_silently``, the first message that fails raises its error (after its result
+        is recorded) and later messages are not attempted, as in Django's backend.
+        """
+        if not email_messages:
+            return 0
+        with self._lock:
+            opened = self.open()
+            if self.client is None or opened is None:
+                return 0
+            sent = 0
+            try:
+                for message in email_messages:
+                    if self._send(message):
+                        sent += 1
+            finally:
+                if opened:
+                    self.close()
+            return sent
+
+    def _send(self, message: EmailMessage) -> bool:
+        recipients = message.recipients()
+        if not recipients:
+            return False
+        # A previous message that broke the session: this one gets a fresh connection.
+        broken = self.client is None or not self.client.is_connected
+        if broken and self.open() is None:
+            return False
+        assert self.client is not None
+        result = self.client.send_mail(message.from_email, recipients, serialize(message))
+        setattr(message, RESULT_ATTRIBUTE, result)
+        self._record_message(self.client, message, result)
+        if result.error is not None and not self.fail_silently:
+            raise result.error
+        return result.status in (SendStatus.SENT, SendStatus.PARTIAL)
+
+    # -- audit log hooks (see audit.py) ----------------------------------------------------
+
+    def _record_session(self, client: SMTPClient, error: BaseException | None) -> None:
+        """Called once per session, when it ends or fails to open."""
+
+    def _record_message(
+        self, client: SMTPClient, message: EmailMessage, result: SendResult
+    ) -> None:
+        """Called once per message attempt."""
+
+
+def serialize(message: EmailMessage) -> bytes:
+    """The message as bytes with CRLF line endings, as Django's own SMTP backend makes it."""
+    if _MODERN_MESSAGE:
+        return message.message(policy=email.policy.SMTP).as_bytes()  # type: ignore[call-arg]
+    return message.message().as_bytes(linesep="\r\n")

@@ -1,0 +1,637 @@
+"""The blocking socket driver: the only module that imports ``socket`` and ``ssl``.
+
+:class:`SMTPClient` runs one SMTP session over a TCP (or TLS) socket, moving bytes between
+the socket and the sans-I/O :class:`~.protocol.SMTPConnection`.  Every read and write has
+a deadline (``timeout`` seconds for each reply, however slowly it drips in), and every
+network failure becomes an exception of :mod:`.errors`.
+
+Session::
+
+    S: 220 mail.example.com ESMTP
+    C: EHLO web1.example.com            (HELO if refused with 500/502/504/550)
+    S: 250-mail.example.com ... 250 STARTTLS
+    C: STARTTLS   /  S: 220  /  TLS handshake  /  C: EHLO again
+    C: AUTH PLAIN [redacted]  /  S: 235
+    C: MAIL FROM:<a@b> SIZE=123 / C: RCPT TO:<c@d> / C: DATA   (one write with PIPELINING)
+    S: 250 / S: 250 / S: 354
+    C: [message content: 123 bytes, 4 lines] / C: .
+    S: 250 2.0.0 Ok: queued as 4Ab12
+    C: QUIT / S: 221
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import enum
+import functools
+import socket
+import ssl
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final, NoReturn
+
+from .address import EnvelopeAddress, prepare_address
+from .commands import (
+    Auth,
+    AuthCancel,
+    AuthResponse,
+    Command,
+    Data,
+    Ehlo,
+    Helo,
+    MailFrom,
+    Noop,
+    Quit,
+    RcptTo,
+    Rset,
+    StartTLS,
+)
+from .content import has_8bit, normalize_line_endings
+from .errors import (
+    AuthenticationError,
+    CleartextAuthError,
+    ConnectError,
+    DataError,
+    HeloError,
+    LocalProtocolError,
+    MessageTooLargeError,
+    NotSupportedError,
+    RecipientsRefused,
+    RemoteProtocolError,
+    SenderRefused,
+    ServerDisconnected,
+    SMTPTimeoutError,
+    SocketMailError,
+    TLSError,
+)
+from .extensions import Extensions
+from .protocol import NEED_DATA, ReplyReceived, SessionState, SMTPConnection
+from .reply import Reply, SMTPStatus
+from .result import RecipientResult, RecipientStatus, SendResult
+from .sasl import DEFAULT_PREFERENCE, MECHANISMS, Mechanism, UnexpectedChallenge
+from .transcript import Transcript
+
+__all__ = ["DEFAULT_TIMEOUT", "ClientConfig", "SMTPClient", "SessionInfo", "TLSMode"]
+
+DEFAULT_TIMEOUT: Final = 30.0
+"""Seconds allowed for each reply (and each write) when the configuration gives none."""
+
+QUIT_TIMEOUT: Final = 5.0
+"""Most seconds spent waiting for the 221 to QUIT: closing must not hang."""
+
+RECV_SIZE: Final = 65536
+
+_EHLO_REFUSED_TRY_HELO: Final = frozenset({500, 502, 504, 550})
+_MECHANISM_UNAVAILABLE: Final = frozenset({504, 534, 538})
+
+
+class TLSMode(str, enum.Enum):
+    """How the session is protected."""
+
+    NONE = "none"
+    """Plain TCP; STARTTLS is not attempted."""
+    STARTTLS = "starttls"
+    """Plain TCP upgraded with STARTTLS, which is required (RFC 3207)."""
+    IMPLICIT = "implicit"
+    """TLS from the first byte (RFC 8314), usually port 465."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ClientConfig:
+    """Everything needed to open a session.  Hashable: the connection pool keys on it.
+
+    The password never appears in ``repr()``.
+    """
+
+    host: str
+    port: int
+    tls: TLSMode = TLSMode.NONE
+    timeout: float = DEFAULT_TIMEOUT
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    auth_mechanisms: tuple[str, ...] = DEFAULT_PREFERENCE
+    allow_cleartext_auth: bool = False
+    local_hostname: str | None = None
+    ssl_cafile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    ssl_verify: bool = True
+    server_hostname: str | None = None
+    """Name the certificate must match (and SNI); defaults to ``host``."""
+    pipelining: bool = True
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """The client TLS context: chain and host name verified unless ``ssl_verify`` is off."""
+        return _ssl_context(self.ssl_cafile, self.ssl_certfile, self.ssl_keyfile, self.ssl_verify)
+
+
+@functools.lru_cache(maxsize=32)
+def _ssl_context(
+    cafile: str | None, certfile: str | None, keyfile: str | None, verify: bool
+) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=cafile)
+    if certfile or keyfile:
+        context.load_cert_chain(certfile or "", keyfile)
+    if not verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+@functools.lru_cache(maxsize=1)
+def _fqdn() -> str:
+    return socket.getfqdn()
+
+
+@dataclass(slots=True)
+class SessionInfo:
+    """What the session learned: for the audit log and ``sendtestmail``'s summary."""
+
+    host: str
+    port: int
+    local_hostname: str = ""
+    greeting: Reply | None = None
+    extensions: Extensions = field(default_factory=Extensions)
+    tls_version: str | None = None
+    tls_cipher: str | None = None
+    peer_certificate: str | None = None
+    auth_mechanism: str | None = None
+    auth_username: str | None = None
+    connected_at: float = 0.0
+    messages_sent: int = 0
+
+
+class SMTPClient:
+    """One SMTP session.  Not thread-safe: the caller serializes use (the backend's lock).
+
+    :meth:`connect` opens and fully sets up the session (TLS, AUTH) or raises having closed
+    everything; :meth:`send_mail` sends one message and returns its :class:`SendResult`
+    (errors about that message are on the result, not raised); :meth:`quit` ends politely
+    and :meth:`close` ends at once.  Both are safe to call in any state.
+    """
+
+    def __init__(self, config: ClientConfig, *, transcript: Transcript | None = None) -> None:
+        self.config = config
+        self.transcript = transcript if transcript is not None else Transcript()
+        self.protocol = SMTPConnection(self.transcript)
+        self.info = SessionInfo(config.host, config.port)
+        self._sock: socket.socket | None = None
+
+    def __repr__(self) -> str:
+        state = "connected" if self.is_connected else "closed"
+        return f"<SMTPClient {self.config.host}:{self.config.port} {state}>"
+
+    @property
+    def is_connected(self) -> bool:
+        """True while the socket is open and the session usable."""
+        return self._sock is not None and self.protocol.state is SessionState.READY
+
+    @property
+    def is_encrypted(self) -> bool:
+        """True once the session runs under TLS."""
+        return self.info.tls_version is not None
+
+    # -- opening -----------------------------------------------------------------------
+
+    def connect(self) -> None:
+        """Connect, read the greeting, EHLO, STARTTLS if configured, AUTH if configured."""
+        if self._sock is not None:
+            raise LocalProtocolError("already connected")
+        config = self.config
+        try:
+            self._open_socket()
+            self._expect_greeting()
+            self._hello()
+            if config.tls is TLSMode.STARTTLS:
+                self._starttls()
+                self._hello()
+            if config.username and config.password:
+                self._authenticate(config.username, config.password)
+            self.protocol.pipelining = config.pipelining and self.protocol.can_pipeline()
+        except BaseException:
+            self.close()
+            raise
+
+    def _open_socket(self) -> None:
+        config = self.config
+        self.transcript.info(f"connecting to {config.host}:{config.port}")
+        try:
+            sock = socket.create_connection((config.host, config.port), timeout=config.timeout)
+        except TimeoutError as error:
+            raise SMTPTimeoutError(
+                f"could not connect to {config.host}:{config.port} within {config.timeout} s"
+            ) from error
+        except OSError as error:
+            raise ConnectionFailedError(config.host, config.port, error) from error
+        self._sock = sock
+        self.info.connected_at = time.time()
+        peer = sock.getpeername()
+        self.transcript.info(f"connected to {peer[0]}:{peer[1]}")
+        if config.tls is TLSMode.IMPLICIT:
+            self._handshake()
+
+    def _handshake(self) -> None:
+        assert self._sock is not None
+        config = self.config
+        server_hostname = config.server_hostname or config.host
+        raw = self._sock
+        try:
+            raw.settimeout(config.timeout)
+            self._sock = config.ssl_context().wrap_socket(raw, server_hostname=server_hostname)
+        except ssl.SSLCertVerificationError as error:
+            self._sock = raw
+            raise TLSError(
+                f"TLS certificate of {server_hostname} not accepted: {error.verify_message}"
+                " (set ssl_cafile to the CA that signed it)"
+            ) from error
+        except TimeoutError as error:
+            self._sock = raw
+            raise SMTPTimeoutError(f"TLS handshake timed out after {config.timeout} s") from error
+        except (ssl.SSLError, OSError) as error:
+            self._sock = raw
+            raise TLSError(f"TLS handshake with {server_hostname} failed: {error}") from error
+        tls = self._sock
+        assert isinstance(tls, ssl.SSLSocket)
+        cipher = tls.cipher()
+        self.info.tls_version = tls.version()
+        self.info.tls_cipher = cipher[0] if cipher else None
+        self.info.peer_certificate = _certificate_subject(tls.getpeercert())
+        self.transcript.info(
+            f"TLS established: {self.info.tls_version} {self.info.tls_cipher}"
+            + (f", certificate {self.info.peer_certificate}" if self.info.peer_certificate else "")
+        )
+        self.protocol.tls_established()
+
+    def _expect_greeting(self) -> None:
+        reply = self._read_reply().reply
+        self.info.greeting = reply
+        if reply.code != SMTPStatus.service_ready:
+            raise ConnectError(reply, "greeting")
+
+    def _local_hostname(self) -> str:
+        name = self.config.local_hostname or _fqdn()
+        if "." in name:
+            return name
+        assert self._sock is not None
+        address = self._sock.getsockname()[0]
+        return f"[IPv6:{address}]" if ":" in address else f"[{address}]"
+
+    def _hello(self) -> None:
+        hostname = self.info.local_hostname or self._local_hostname()
+        self.info.local_hostname = hostname
+        reply = self._command(Ehlo(hostname))
+        if reply.code == SMTPStatus.completed:
+            self.info.extensions = self.protocol.extensions
+            return
+        if reply.code in _EHLO_REFUSED_TRY_HELO:
+            reply = self._command(Helo(hostname))
+            if reply.code == SMTPStatus.completed:
+                self.info.extensions = self.protocol.extensions
+                return
+        raise HeloError(reply, "EHLO/HELO")
+
+    def _starttls(self) -> None:
+        if "STARTTLS" not in self.protocol.extensions:
+            raise NotSupportedError(
+                f"{self.config.host}:{self.config.port} does not offer STARTTLS, and use_tls "
+                "requires it; nothing else was sent (check the port: 465 is use_ssl)"
+            )
+        reply = self._command(StartTLS())
+        if reply.code != SMTPStatus.service_ready:
+            raise NotSupportedError(f"server refused STARTTLS: {reply.one_line()}")
+        self._handshake()
+
+    # -- authentication ------------------------------------------------------------------
+
+    def _authenticate(self, username: str, password: str) -> None:
+        offered = self.protocol.extensions.auth_mechanisms
+        if not offered:
+            hint = ""
+            if not self.is_encrypted:
+                hint = " before TLS; set use_tls (STARTTLS) or use_ssl"
+            raise NotSupportedError(f"server does not offer AUTH{hint}")
+        wanted = [name.upper() for name in self.config.auth_mechanisms]
+        candidates = [name for name in wanted if name in offered and name in MECHANISMS]
+        if not candidates:
+            raise NotSupportedError(
+                f"no usable AUTH mechanism: the server offers {' '.join(offered)}, "
+                f"auth_mechanisms allows {' '.join(wanted) or 'none'}"
+            )
+        if not self.is_encrypted and not self.config.allow_cleartext_auth:
+            safe = [name for name in candidates if not MECHANISMS[name].sends_password]
+            if not safe:
+                raise CleartextAuthError(
+                    f"refusing to send the password unencrypted with {'/'.join(candidates)}: "
+                    "set use_tls or use_ssl, or allow_cleartext_auth=True to accept the risk"
+                )
+            candidates = safe
+        last: Reply | None = None
+        for name in candidates:
+            reply = self._sasl_exchange(MECHANISMS[name](username, password))
+            if reply.code == SMTPStatus.auth_successful:
+                self.info.auth_mechanism = name
+                self.info.auth_username = username
+                return
+            if reply.code in _MECHANISM_UNAVAILABLE:
+                last = reply
+                continue
+            # 535 and everything else: never try another mechanism (account lock-out).
+            raise AuthenticationError(reply, f"AUTH {name}")
+        assert last is not None
+        raise AuthenticationError(last, "AUTH", "no offered mechanism was accepted")
+
+    def _sasl_exchange(self, mechanism: Mechanism) -> Reply:
+        initial = mechanism.initial_response()
+        encoded = None if initial is None else (_b64(initial) or "=")
+        reply = self._command(Auth(mechanism.name, encoded))
+        while reply.code == SMTPStatus.auth_continue:
+            try:
+                challenge = base64.b64decode(reply.lines[0].strip(), validate=True)
+                response = mechanism.respond(challenge)
+            except binascii.Error:
+                self._cancel_auth(mechanism, "the server's challenge is not valid base64")
+            except UnexpectedChallenge:
+                self._cancel_auth(mechanism, "the server asked for an unexpected extra step")
+            reply = self._command(AuthResponse(_b64(response)))
+        return reply
+
+    def _cancel_auth(self, mechanism: Mechanism, why: str) -> NoReturn:
+        reply = self._command(AuthCancel())
+        raise AuthenticationError(reply, f"AUTH {mechanism.name}", f"{why}; exchange cancelled")
+
+    # -- sending -----------------------------------------------------------------------
+
+    def send_mail(self, mail_from: str, recipients: Sequence[str], message: bytes) -> SendResult:
+        """Send ``message`` (any line endings) from ``mail_from`` to ``recipients``.
+
+        Addresses are prepared first (raising :class:`InvalidAddressError` before any byte is
+        sent).  Every other failure is recorded on the returned result (``result.error``),
+        with each recipient's fate; when the session broke, :attr:`is_connected` turns
+        False.  Recipients refused with ``452`` are retried in a new transaction as long as
+        each transaction delivers to someone (RFC 5321 §4.5.3.1.10).
+        """
+        started = time.monotonic()
+        sender = prepare_address(mail_from)
+        envelope = [prepare_address(address) for address in recipients]
+        result = SendResult(
+            sender.addr_spec, [RecipientResult(r.addr_spec) for r in dict.fromkeys(envelope)]
+        )
+        try:
+            content = normalize_line_endings(message)
+            result.size = len(content)
+            self._check_sendable(sender, envelope, content)
+            parameters = self._mail_parameters(sender, envelope, content)
+            todo = list(result.recipients)
+            while todo:
+                deferred = self._transaction(result, sender, parameters, todo, content)
+                if not deferred or len(deferred) == len(todo):
+                    break
+                for recipient in deferred:
+                    recipient.status = RecipientStatus.PENDING
+                todo = deferred
+        except SocketMailError as error:
+            self._fail_pending(result, error)
+        result.elapsed = time.monotonic() - started
+        if result.status in (result.status.SENT, result.status.PARTIAL):
+            self.info.messages_sent += 1
+        return result
+
+    def _check_sendable(
+        self, sender: EnvelopeAddress, envelope: list[EnvelopeAddress], content: bytes
+    ) -> None:
+        if not self.is_connected:
+            raise ServerDisconnected("not connected")
+        extensions = self.protocol.extensions
+        if "SMTPUTF8" not in extensions:
+            for address in (sender, *envelope):
+                if address.needs_smtputf8:
+                    raise NotSupportedError(
+                        f"{address} has a non-ASCII local part and the server does not "
+                        "offer SMTPUTF8"
+                    )
+        limit = extensions.size_limit
+        if limit is not None and len(content) > limit:
+            raise MessageTooLargeError(len(content), limit)
+
+    def _mail_parameters(
+        self, sender: EnvelopeAddress, envelope: list[EnvelopeAddress], content: bytes
+    ) -> tuple[str, ...]:
+        extensions = self.protocol.extensions
+        parameters = []
+        if "SIZE" in extensions:
+            parameters.append(f"SIZE={len(content)}")
+        if "8BITMIME" in extensions and has_8bit(content):
+            parameters.append("BODY=8BITMIME")
+        if any(a.needs_smtputf8 for a in (sender, *envelope)):
+            parameters.append("SMTPUTF8")
+        return tuple(parameters)
+
+    def _transaction(
+        self,
+        result: SendResult,
+        sender: EnvelopeAddress,
+        parameters: tuple[str, ...],
+        recipients: list[RecipientResult],
+        content: bytes,
+    ) -> list[RecipientResult]:
+        """One MAIL/RCPT/DATA transaction; returns the recipients deferred with 452."""
+        commands: list[Command] = [MailFrom(sender.addr_spec, parameters)]
+        commands += [RcptTo(r.address) for r in recipients]
+        commands.append(Data())
+        send = self._pipeline if self.protocol.pipelining else self._lockstep
+        replies = send(commands)
+        mail_reply, data_reply = replies[0], replies[-1] if len(replies) == len(commands) else None
+        if not mail_reply.is_positive:
+            if data_reply is not None and data_reply.code == SMTPStatus.start_input:
+                self._abort_data()
+            self._reset()
+            raise SenderRefused(mail_reply, sender.addr_spec)
+        accepted: list[RecipientResult] = []
+        deferred: list[RecipientResult] = []
+        for recipient, reply in zip(recipients, replies[1 : 1 + len(recipients)], strict=False):
+            recipient.reply = reply
+            if reply.code in (SMTPStatus.completed, SMTPStatus.will_forward):
+                accepted.append(recipient)
+            else:
+                recipient.status = RecipientStatus.REFUSED
+                if reply.code == SMTPStatus.insufficient_storage:
+                    deferred.append(recipient)
+        if not accepted:
+            if data_reply is not None and data_reply.code == SMTPStatus.start_input:
+                self._abort_data()
+            self._reset()
+            if result.accepted:
+                return []
+            raise RecipientsRefused(
+                {r.address: r.reply for r in result.recipients if r.reply is not None}
+            )
+        assert data_reply is not None
+        if data_reply.code != SMTPStatus.start_input:
+            for recipient in accepted:
+                recipient.status = RecipientStatus.FAILED
+            self._reset()
+            raise DataError(data_reply, "DATA")
+        final = self._send_content(content, accepted)
+        result.final_replies.append(final)
+        for recipient in accepted:
+            recipient.final_reply = final
+            recipient.status = (
+                RecipientStatus.DELIVERED if final.is_positive else RecipientStatus.FAILED
+            )
+        if not final.is_positive:
+            raise DataError(final, "end of data")
+        return deferred
+
+    def _pipeline(self, commands: list[Command]) -> list[Reply]:
+        """Send all ``commands`` in one write, then read one reply each (RFC 2920)."""
+        self._write(b"".join(self.protocol.send(command) for command in commands))
+        return [self._read_reply().reply for _ in commands]
+
+    def _lockstep(self, commands: list[Command]) -> list[Reply]:
+        """Send ``commands`` one at a time; stop after a refused MAIL, and skip DATA when no
+        recipient was accepted."""
+        replies: list[Reply] = []
+        for command in commands:
+            if isinstance(command, Data) and not any(
+                r.code in (SMTPStatus.completed, SMTPStatus.will_forward) for r in replies[1:]
+            ):
+                break
+            reply = self._command(command)
+            replies.append(reply)
+            if isinstance(command, MailFrom) and not reply.is_positive:
+                break
+        return replies
+
+    def _send_content(self, content: bytes, accepted: list[RecipientResult]) -> Reply:
+        """Send the content after 354 and read the final reply.  A lost connection after the
+        whole content went out leaves the accepted recipients UNKNOWN, not FAILED."""
+        payload = self.protocol.send_content(content)
+        self._write(payload)
+        try:
+            return self._read_reply().reply
+        except (ServerDisconnected, SMTPTimeoutError, RemoteProtocolError):
+            for recipient in accepted:
+                recipient.status = RecipientStatus.UNKNOWN
+            raise
+
+    def _abort_data(self) -> None:
+        """After an unwanted 354: end the content at once; the server must refuse it."""
+        self._write(self.protocol.send_content(b""))
+        self._read_reply()
+
+    def _reset(self) -> None:
+        """RSET after a failed transaction, when the session is still usable; a session that
+        cannot even reset is closed (the failure being reported is the transaction's)."""
+        if self.is_connected:
+            try:
+                reply = self._command(Rset())
+            except SocketMailError:
+                self.close()
+                return
+            if not reply.is_positive:
+                self.close()
+
+    def _fail_pending(self, result: SendResult, error: SocketMailError) -> None:
+        result.fail(error)
+        if self.protocol.state is not SessionState.READY or self.protocol.pending:
+            self.close()
+
+    def noop(self) -> Reply:
+        """Send NOOP and return the reply (a liveness check costing one round trip)."""
+        return self._command(Noop())
+
+    # -- closing -----------------------------------------------------------------------
+
+    def quit(self) -> None:
+        """Send QUIT and wait briefly for 221, then close.  Never raises for a dead peer."""
+        if self.is_connected:
+            with contextlib.suppress(SocketMailError):
+                self._command(Quit(), timeout=min(self.config.timeout, QUIT_TIMEOUT))
+        self.close()
+
+    def close(self) -> None:
+        """Close the socket without a word.  Idempotent."""
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            self.protocol.connection_lost()
+            try:
+                sock.close()
+            finally:
+                self.transcript.info("connection closed")
+
+    # -- I/O -----------------------------------------------------------------------------
+
+    def _command(self, command: Command, *, timeout: float | None = None) -> Reply:
+        self._write(self.protocol.send(command))
+        return self._read_reply(timeout).reply
+
+    def _write(self, data: bytes) -> None:
+        sock = self._sock
+        if sock is None:
+            raise ServerDisconnected("not connected")
+        try:
+            sock.settimeout(self.config.timeout)
+            sock.sendall(data)
+        except TimeoutError as error:
+            self.protocol.connection_lost()
+            raise SMTPTimeoutError(
+                f"server did not take our data within {self.config.timeout} s"
+            ) from error
+        except OSError as error:
+            self.protocol.connection_lost()
+            raise ServerDisconnected(f"connection lost while sending: {error}") from error
+
+    def _read_reply(self, timeout: float | None = None) -> ReplyReceived:
+        """Read until one complete reply; within ``timeout`` seconds in total."""
+        sock = self._sock
+        if sock is None:
+            raise ServerDisconnected("not connected")
+        limit = self.config.timeout if timeout is None else timeout
+        deadline = time.monotonic() + limit
+        while True:
+            event = self.protocol.next_event()
+            if event is not NEED_DATA:
+                assert isinstance(event, ReplyReceived)
+                return event
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise SMTPTimeoutError(f"no complete reply from the server within {limit} s")
+            try:
+                sock.settimeout(remaining)
+                data = sock.recv(RECV_SIZE)
+            except TimeoutError as error:
+                raise SMTPTimeoutError(
+                    f"no complete reply from the server within {limit} s"
+                ) from error
+            except OSError as error:
+                self.protocol.connection_lost()
+                raise ServerDisconnected(f"connection lost while reading: {error}") from error
+            if not data:
+                self.protocol.connection_lost()
+                raise ServerDisconnected("the server closed the connection")
+            self.protocol.receive_data(data)
+
+
+class ConnectionFailedError(SocketMailError, ConnectionError):
+    """The TCP connection could not be made (refused, unreachable, name not found)."""
+
+    def __init__(self, host: str, port: int, error: OSError) -> None:
+        super().__init__(f"could not connect to {host}:{port}: {error.strerror or error}")
+        self.errno = error.errno
+        self.host = host
+        self.port = port
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _certificate_subject(cert: Mapping[str, Any] | None) -> str | None:
+    """``commonName=mail.example.com`` from a verified peer certificate, or None."""
+    if not cert:
+        return None
+    parts = [f"{key}={value}" for rdn in cert.get("subject", ()) for key, value in rdn]
+    return ", ".join(parts) or None

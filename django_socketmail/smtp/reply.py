@@ -1,0 +1,217 @@
+"""SMTP replies: the value, the status codes, and a bounded incremental parser.
+
+RFC 5321 §4.2: a reply is a three-digit code, then ``-`` (more lines follow) or a space
+(last line), then text, then CRLF.  A bare code with no text (``250``) is a legal last line.
+Every line of a multi-line reply carries the same code.  RFC 2034 / RFC 3463 add an
+enhanced status code (``2.0.0``) at the start of the text when the server advertised
+ENHANCEDSTATUSCODES.
+
+The parser holds at most :data:`MAX_LINE_LENGTH` bytes of an unfinished line and at most
+:data:`MAX_REPLY_LINES` lines of one reply, so a hostile server cannot make us buffer
+without end (RFC 5321 §4.5.3.1 bounds a reply line at 512 octets; extensions exceed it,
+so we accept far more, but not without limit).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Final
+
+from .errors import RemoteProtocolError
+
+__all__ = ["MAX_LINE_LENGTH", "MAX_REPLY_LINES", "Reply", "ReplyParser", "SMTPStatus"]
+
+MAX_LINE_LENGTH: Final = 8192
+"""Longest reply line we accept, CRLF included (RFC 5321 says 512; extensions say more)."""
+
+MAX_REPLY_LINES: Final = 200
+"""Most lines one reply may have; a server listing more is treated as hostile."""
+
+
+class SMTPStatus(IntEnum):
+    """Reply codes the client acts on, by their meaning (RFC 5321 §4.2.3, RFC 4954)."""
+
+    service_ready = 220
+    closing = 221
+    auth_successful = 235
+    completed = 250
+    will_forward = 251
+    cannot_verify = 252
+    auth_continue = 334
+    start_input = 354
+    domain_unavailable = 421
+    mailbox_unavailable = 450
+    local_error = 451
+    insufficient_storage = 452
+    tls_not_available = 454
+    unrecognized_command = 500
+    unrecognized_parameters = 501
+    command_not_implemented = 502
+    bad_command_sequence = 503
+    parameter_not_implemented = 504
+    auth_required = 530
+    auth_too_weak = 534
+    auth_failed = 535
+    encryption_required = 538
+    mailbox_unavailable_permanent = 550
+    user_not_local = 551
+    storage_exceeded = 552
+    mailbox_name_invalid = 553
+    transaction_failed = 554
+
+
+_ENHANCED_STATUS: Final = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?=\s|$)")
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """One complete server reply.
+
+    ``lines`` holds the text of each line after the code and its separator, decoded as
+    UTF-8 with undecodable bytes replaced (servers may send anything).  ``str(reply)`` is
+    the reply as it stood on the wire, one line per line, without CRLF.
+    """
+
+    code: int
+    lines: tuple[str, ...] = ("",)
+
+    @property
+    def text(self) -> str:
+        """The reply text, lines joined by newlines."""
+        return "\n".join(self.lines)
+
+    @property
+    def is_positive(self) -> bool:
+        """2xx: the command succeeded."""
+        return 200 <= self.code < 300
+
+    @property
+    def is_intermediate(self) -> bool:
+        """3xx: go on (334 AUTH challenge, 354 send the data)."""
+        return 300 <= self.code < 400
+
+    @property
+    def is_transient(self) -> bool:
+        """4xx: failed this time; the same attempt may succeed later."""
+        return 400 <= self.code < 500
+
+    @property
+    def is_permanent(self) -> bool:
+        """5xx: failed; repeating it will fail again."""
+        return 500 <= self.code < 600
+
+    @property
+    def enhanced_status(self) -> str | None:
+        """The enhanced status code at the start of the text (``"2.0.0"``), if any.
+
+        Only accepted when its class digit matches the reply code's first digit.
+        """
+        match = _ENHANCED_STATUS.match(self.lines[0])
+        if match and match.group(1) == str(self.code)[0]:
+            return match.group(0)
+        return None
+
+    def one_line(self) -> str:
+        """Code and text on one line, for messages: ``550 5.1.1 No such user``."""
+        text = " ".join(line for line in self.lines if line)
+        return f"{self.code} {text}".rstrip()
+
+    def __str__(self) -> str:
+        last = len(self.lines) - 1
+        return "\n".join(
+            f"{self.code}{' ' if i == last else '-'}{line}".rstrip()
+            for i, line in enumerate(self.lines)
+        )
+
+
+_CODE_LINE: Final = re.compile(rb"([2-5][0-9][0-9])([ -]|$)")
+
+
+class ReplyParser:
+    """Incremental, bounded reply parser: :meth:`feed` bytes, take :meth:`next_reply`.
+
+    Lines end in CRLF; a bare LF is tolerated (as most clients do), a CR before it is
+    dropped.  Raises :class:`RemoteProtocolError` for a line that is not a reply line, a
+    multi-line reply whose codes disagree, a line longer than ``max_line_length`` or a reply
+    longer than ``max_lines`` lines.  After an error the parser is unusable: the session
+    must be abandoned.
+    """
+
+    def __init__(
+        self, *, max_line_length: int = MAX_LINE_LENGTH, max_lines: int = MAX_REPLY_LINES
+    ) -> None:
+        self._buffer = bytearray()
+        self._code: int | None = None
+        self._lines: list[str] = []
+        self._max_line_length = max_line_length
+        self._max_lines = max_lines
+        self._failed: RemoteProtocolError | None = None
+
+    @property
+    def buffered(self) -> int:
+        """How many received bytes are not yet part of a complete reply."""
+        return len(self._buffer) + sum(len(line) for line in self._lines)
+
+    def feed(self, data: bytes) -> None:
+        """Add bytes received from the server."""
+        if self._failed:
+            raise self._failed
+        self._buffer += data
+
+    def discard(self) -> bytes:
+        """Drop and return everything buffered (used after STARTTLS's 220)."""
+        pending = bytes(self._buffer)
+        self._buffer.clear()
+        self._code = None
+        self._lines.clear()
+        return pending
+
+    def next_reply(self) -> Reply | None:
+        """Return the next complete reply, or ``None`` if more data is needed."""
+        if self._failed:
+            raise self._failed
+        try:
+            return self._next_reply()
+        except RemoteProtocolError as error:
+            self._failed = error
+            self._buffer.clear()
+            raise
+
+    def _next_reply(self) -> Reply | None:
+        while True:
+            end = self._buffer.find(b"\n", 0, self._max_line_length)
+            if end < 0:
+                if len(self._buffer) >= self._max_line_length:
+                    raise RemoteProtocolError(
+                        f"reply line longer than {self._max_line_length} bytes"
+                    )
+                return None
+            raw = bytes(self._buffer[:end])
+            del self._buffer[: end + 1]
+            if raw.endswith(b"\r"):
+                raw = raw[:-1]
+            match = _CODE_LINE.match(raw)
+            if not match:
+                raise RemoteProtocolError(f"malformed reply line {_preview(raw)}")
+            code = int(match.group(1))
+            if self._code is not None and code != self._code:
+                raise RemoteProtocolError(
+                    f"reply line code {code} differs from {self._code} earlier in the same reply"
+                )
+            self._code = code
+            self._lines.append(raw[4:].decode("utf-8", "replace"))
+            if match.group(2) != b"-":
+                reply = Reply(code, tuple(self._lines))
+                self._code = None
+                self._lines = []
+                return reply
+            if len(self._lines) >= self._max_lines:
+                raise RemoteProtocolError(f"reply longer than {self._max_lines} lines")
+
+
+def _preview(raw: bytes, limit: int = 60) -> str:
+    """A short, printable rendering of server bytes for an error message."""
+    text = repr(raw[:limit])
+    return text + ("..." if len(raw) > limit else "")

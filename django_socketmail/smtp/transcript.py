@@ -1,0 +1,103 @@
+"""The transcript: every line of one SMTP conversation, in both directions, secrets removed.
+
+It is the single record that the audit log stores, that ``sendtestmail`` prints and that
+the ``django_socketmail.smtp`` logger emits at DEBUG.  Nothing else records the
+conversation.  Client lines arrive already redacted (see :mod:`.commands`); message
+content is summarized as a byte and line count; server lines are kept as received
+(decoded with replacement).  To stay bounded on a long session the transcript keeps at most
+:data:`MAX_TRANSCRIPT_LINES` lines and counts the rest.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Final
+
+__all__ = ["Direction", "Transcript", "TranscriptLine"]
+
+logger = logging.getLogger("django_socketmail.smtp")
+
+MAX_TRANSCRIPT_LINES: Final = 20_000
+MAX_TRANSCRIPT_LINE_CHARS: Final = 1000
+
+
+class Direction(str, enum.Enum):
+    """Who a transcript line belongs to."""
+
+    CLIENT = "C"
+    SERVER = "S"
+    INFO = "*"
+
+
+@dataclass(frozen=True, slots=True)
+class TranscriptLine:
+    """One line: ``elapsed`` seconds since the transcript started."""
+
+    direction: Direction
+    text: str
+    elapsed: float
+
+    def __str__(self) -> str:
+        return f"{self.direction.value}: {self.text}"
+
+
+Listener = Callable[[TranscriptLine], None]
+
+
+class Transcript:
+    """An append-only, bounded list of :class:`TranscriptLine`, with listeners.
+
+    Listeners are called for every line as it is recorded (``sendtestmail`` prints with
+    one); an exception in a listener propagates.
+    """
+
+    def __init__(self, *, max_lines: int = MAX_TRANSCRIPT_LINES) -> None:
+        self.lines: list[TranscriptLine] = []
+        self.omitted = 0
+        self._max_lines = max_lines
+        self._started = time.monotonic()
+        self._listeners: list[Listener] = []
+
+    def subscribe(self, listener: Listener) -> None:
+        """Call ``listener`` with every line recorded from now on."""
+        self._listeners.append(listener)
+
+    def client(self, text: str) -> None:
+        """Record a line the client sent (already redacted)."""
+        self._record(Direction.CLIENT, text)
+
+    def server(self, text: str) -> None:
+        """Record a line the server sent."""
+        self._record(Direction.SERVER, text)
+
+    def info(self, text: str) -> None:
+        """Record an event that is not a line on the wire (connected, TLS, closed...)."""
+        self._record(Direction.INFO, text)
+
+    def content(self, size: int, lines: int) -> None:
+        """Record message content by its size only: bodies are never transcribed."""
+        self._record(Direction.CLIENT, f"[message content: {size} bytes, {lines} lines]")
+
+    def render(self) -> str:
+        """The whole transcript as text, one ``C: ``/``S: ``/``*: `` line each."""
+        text = "\n".join(str(line) for line in self.lines)
+        if self.omitted:
+            text += f"\n*: [{self.omitted} more lines not kept]"
+        return text
+
+    def _record(self, direction: Direction, text: str) -> None:
+        if len(text) > MAX_TRANSCRIPT_LINE_CHARS:
+            text = text[:MAX_TRANSCRIPT_LINE_CHARS] + f"... [{len(text)} characters]"
+        line = TranscriptLine(direction, text, time.monotonic() - self._started)
+        if len(self.lines) < self._max_lines:
+            self.lines.append(line)
+        else:
+            self.omitted += 1
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("%s", line)
+        for listener in self._listeners:
+            listener(line)
