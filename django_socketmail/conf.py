@@ -22,8 +22,9 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any, Final
+from typing import Any, Final, cast
 
+import django
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 
@@ -186,7 +187,7 @@ def resolve_options(given: Mapping[str, Any], *, from_mailers: bool, source: str
     for name, option in OPTIONS.items():
         if given.get(name) is not None:
             values[name], origins[name] = given[name], f"{source}[{name!r}]"
-        elif option.django_setting and not from_mailers:
+        elif option.django_setting and not from_mailers and _email_setting_in_use(option):
             values[name] = getattr(settings, option.django_setting, option.default)
             origins[name] = option.django_setting
         elif name in project:
@@ -213,6 +214,17 @@ def resolve_options(given: Mapping[str, Any], *, from_mailers: bool, source: str
             raise ImproperlyConfigured(f"{origins[name]}: file {path!r} does not exist.")
     known = {f.name for f in fields(BackendOptions)}
     return BackendOptions(**{k: v for k, v in values.items() if k in known})
+
+
+def _email_setting_in_use(option: Option) -> bool:
+    """Whether to read ``option``'s ``EMAIL_*`` setting.  Django 6.1 deprecates them: there
+    they are read only when the project set them and did not define ``MAILERS`` (so we never
+    cause a deprecation warning for a setting the project does not use)."""
+    assert option.django_setting is not None
+    if django.VERSION < (6, 1):
+        return True
+    overridden: bool = cast(Any, settings).is_overridden(option.django_setting)
+    return overridden and not hasattr(settings, "MAILERS")
 
 
 def _string(value: Any) -> str:

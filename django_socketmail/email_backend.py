@@ -16,7 +16,7 @@ from __future__ import annotations
 import email.policy
 import threading
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, cast
 
 import django
 from django.core.exceptions import ImproperlyConfigured
@@ -217,6 +217,7 @@ class EmailBackend(BaseEmailBackend):
 
 def serialize(message: EmailMessage) -> bytes:
     """The message as bytes with CRLF line endings, as Django's own SMTP backend makes it."""
+    build: Any = message.message
     if _MODERN_MESSAGE:
-        return message.message(policy=email.policy.SMTP).as_bytes()  # type: ignore[call-arg]
-    return message.message().as_bytes(linesep="\r\n")
+        return cast(bytes, build(policy=email.policy.SMTP).as_bytes())
+    return cast(bytes, build().as_bytes(linesep="\r\n"))
