@@ -1,1 +1,111 @@
-"""System checks."""
+"""System checks for dangerous or broken mail configuration.  Ids are stable; never renumber.
+
+- ``socketmail.E001``: an option has an invalid value (the message says which and why).
+- ``socketmail.E002``: ``use_tls`` and ``use_ssl`` are both on.
+- ``socketmail.W001``: credentials without TLS: only CRAM-MD5 can be used, or the server
+  refuses cleartext AUTH.
+- ``socketmail.W002``: ``allow_cleartext_auth`` with no TLS: the password may cross the
+  network readable by anyone on the path.
+- ``socketmail.W003``: ``ssl_verify`` is off: anyone on the path can impersonate the server.
+- ``socketmail.W004``: port and TLS mode disagree (465 without use_ssl, or use_ssl on 587/25).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.conf import settings
+from django.core import checks
+from django.core.exceptions import ImproperlyConfigured
+
+from .conf import BackendOptions, resolve_options
+
+BACKEND_NAMES = frozenset(
+    {"django_socketmail.backend", "django_socketmail.email_backend.EmailBackend"}
+)
+
+
+def _configured_backends() -> list[tuple[str, dict[str, Any] | None, bool]]:
+    """(where, options, from_mailers) for each configuration that uses our backend."""
+    found: list[tuple[str, dict[str, Any] | None, bool]] = []
+    mailers = getattr(settings, "MAILERS", None)
+    if isinstance(mailers, dict):
+        for alias, config in mailers.items():
+            if isinstance(config, dict) and config.get("BACKEND") in BACKEND_NAMES:
+                found.append((f"MAILERS[{alias!r}]", dict(config.get("OPTIONS", {})), True))
+    elif getattr(settings, "EMAIL_BACKEND", "") in BACKEND_NAMES:
+        found.append(("EMAIL_BACKEND", None, False))
+    return found
+
+
+@checks.register(checks.Tags.security, "socketmail")
+def check_mail_configuration(**kwargs: Any) -> list[checks.CheckMessage]:
+    """Validate every configuration of our backend and warn about unsafe ones."""
+    messages: list[checks.CheckMessage] = []
+    for where, options, from_mailers in _configured_backends():
+        try:
+            resolved = resolve_options(
+                options or {}, from_mailers=from_mailers, source=f"{where}['OPTIONS']"
+            )
+        except ImproperlyConfigured as error:
+            code = "E002" if "mutually exclusive" in str(error) else "E001"
+            messages.append(
+                checks.Error(
+                    f"{where}: {error}",
+                    hint="Fix the value named above; see the options table in the README.",
+                    id=f"socketmail.{code}",
+                )
+            )
+            continue
+        messages += _warnings(where, resolved)
+    return messages
+
+
+def _warnings(where: str, options: BackendOptions) -> list[checks.CheckMessage]:
+    found: list[checks.CheckMessage] = []
+    encrypted = options.use_tls or options.use_ssl
+    if options.username and options.password and not encrypted:
+        if options.allow_cleartext_auth:
+            found.append(
+                checks.Warning(
+                    f"{where}: allow_cleartext_auth sends the SMTP password unencrypted.",
+                    hint="Set use_tls (STARTTLS) or use_ssl, and remove allow_cleartext_auth.",
+                    id="socketmail.W002",
+                )
+            )
+        else:
+            found.append(
+                checks.Warning(
+                    f"{where}: credentials are configured without TLS; only CRAM-MD5 can "
+                    "authenticate, and servers that offer only PLAIN/LOGIN will be refused.",
+                    hint="Set use_tls (port 587) or use_ssl (port 465).",
+                    id="socketmail.W001",
+                )
+            )
+    if not options.ssl_verify:
+        found.append(
+            checks.Warning(
+                f"{where}: ssl_verify is off; the server's certificate is not checked, so "
+                "anyone on the network path can read the password and the mail.",
+                hint="Remove ssl_verify=False; use ssl_cafile to trust a private CA.",
+                id="socketmail.W003",
+            )
+        )
+    if options.port == 465 and not options.use_ssl:
+        found.append(
+            checks.Warning(
+                f"{where}: port 465 expects implicit TLS but use_ssl is off.",
+                hint="Set use_ssl=True (and not use_tls) for port 465.",
+                id="socketmail.W004",
+            )
+        )
+    elif options.use_ssl and options.port in (25, 587):
+        found.append(
+            checks.Warning(
+                f"{where}: use_ssl (implicit TLS) on port {options.port}, which speaks "
+                "plain SMTP first.",
+                hint="Use use_tls (STARTTLS) with port 587, or port 465 with use_ssl.",
+                id="socketmail.W004",
+            )
+        )
+    return found

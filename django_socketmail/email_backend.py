@@ -22,8 +22,16 @@ import django
 from django.core.exceptions import ImproperlyConfigured
 from django.core.mail.backends.base import BaseEmailBackend
 
+from .audit import AuditRecorder
 from .conf import OPTIONS, BackendOptions, resolve_options
-from .smtp import SendResult, SendStatus, SMTPClient, SocketMailError, Transcript
+from .smtp import (
+    InvalidAddressError,
+    SendResult,
+    SendStatus,
+    SMTPClient,
+    SocketMailError,
+    Transcript,
+)
 
 if TYPE_CHECKING:
     from django.core.mail import EmailMessage
@@ -84,7 +92,10 @@ class EmailBackend(BaseEmailBackend):
             given, from_mailers=alias is not None, source=source
         )
         self.fail_silently = self.options.fail_silently
+        self.mailer_alias: str = alias or ""
         self.client: SMTPClient | None = None
+        self._recorder: AuditRecorder | None = None
+        self._session_error: BaseException | None = None
         self._lock = threading.RLock()
 
     @staticmethod
@@ -138,30 +149,38 @@ class EmailBackend(BaseEmailBackend):
                 return False
             self._discard_client()
             client = SMTPClient(self.options.client_config(), transcript=Transcript())
+            recorder = AuditRecorder(self.options, self.mailer_alias, client)
             try:
                 client.connect()
             except SocketMailError as error:
-                self._record_session(client, error)
+                recorder.session_ended(error)
+                recorder.flush()
                 if not self.fail_silently:
                     raise
                 return None
-            self.client = client
+            self.client, self._recorder, self._session_error = client, recorder, None
             return True
 
     def close(self) -> None:
         """QUIT (falling back to closing the socket) and forget the session.  Never raises
         for a dead server."""
         with self._lock:
-            client, self.client = self.client, None
+            client = self.client
             if client is not None:
                 client.quit()
-                self._record_session(client, None)
+            self._end_session()
 
     def _discard_client(self) -> None:
-        client, self.client = self.client, None
-        if client is not None:
-            client.close()
-            self._record_session(client, None)
+        if self.client is not None:
+            self.client.close()
+        self._end_session()
+
+    def _end_session(self) -> None:
+        """Forget the session and write its audit record."""
+        recorder, self._recorder, self.client = self._recorder, None, None
+        if recorder is not None:
+            recorder.session_ended(self._session_error)
+            recorder.flush()
 
     # -- sending ------------------------------------------------------------------------
 
@@ -186,6 +205,8 @@ class EmailBackend(BaseEmailBackend):
             finally:
                 if opened:
                     self.close()
+                elif self._recorder is not None:
+                    self._recorder.flush()
             return sent
 
     def _send(self, message: EmailMessage) -> bool:
@@ -196,23 +217,27 @@ class EmailBackend(BaseEmailBackend):
         broken = self.client is None or not self.client.is_connected
         if broken and self.open() is None:
             return False
-        assert self.client is not None
-        result = self.client.send_mail(message.from_email, recipients, serialize(message))
+        client, recorder = self.client, self._recorder
+        assert client is not None
+        assert recorder is not None
+        raw = serialize(message)
+        recorder.message_started()
+        try:
+            result = client.send_mail(message.from_email, recipients, raw)
+        except InvalidAddressError as error:
+            # Refused before a byte was sent; still an attempt worth a row.
+            result = SendResult(str(message.from_email), [], size=len(raw))
+            result.fail(error)
+            setattr(message, RESULT_ATTRIBUTE, result)
+            recorder.message_finished(message, result, raw)
+            raise
         setattr(message, RESULT_ATTRIBUTE, result)
-        self._record_message(self.client, message, result)
+        recorder.message_finished(message, result, raw)
+        if not client.is_connected:
+            self._session_error = result.error
         if result.error is not None and not self.fail_silently:
             raise result.error
         return result.status in (SendStatus.SENT, SendStatus.PARTIAL)
-
-    # -- audit log hooks (see audit.py) ----------------------------------------------------
-
-    def _record_session(self, client: SMTPClient, error: BaseException | None) -> None:
-        """Called once per session, when it ends or fails to open."""
-
-    def _record_message(
-        self, client: SMTPClient, message: EmailMessage, result: SendResult
-    ) -> None:
-        """Called once per message attempt."""
 
 
 def serialize(message: EmailMessage) -> bytes:

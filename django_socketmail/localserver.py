@@ -4,13 +4,13 @@ It serves two users: ``manage.py sendtestmail --local-server`` (a newcomer sees 
 real SMTP conversation, with TLS and AUTH, without configuring anything) and the
 test suite (an in-process "real server" for integration tests of our SMTP client).
 It is built on aiosmtpd and trustme, the optional ``demo`` extra; it never imports
-Django, and nothing in the package imports it at import time.
+Django, and nothing in the package imports it at import time. Usage::
 
-    >>> with LocalSMTPServer(tls="starttls") as server:
-    ...     user, password = next(iter(server.users.items()))
-    ...     # connect to server.host:server.port, STARTTLS verified against
-    ...     # server.ca_cert_path, AUTH as user/password, send...
-    ...     [message] = server.wait_for_messages(1)
+    with LocalSMTPServer(tls="starttls") as server:
+        user, password = next(iter(server.users.items()))
+        # connect to server.host:server.port, STARTTLS verified with
+        # server.client_ssl_context(), AUTH as user/password, send...
+        [message] = server.wait_for_messages(1)
 
 What it offers on top of aiosmtpd 1.4.6: CRAM-MD5 (RFC 2195) beside PLAIN and
 LOGIN, advertised in the order asked for; AUTH under implicit TLS; a per-RCPT
@@ -86,6 +86,7 @@ class ReceivedMessage:
     """
 
     mail_from: str
+    """The reverse-path; the empty string for the null reverse-path ``<>``."""
     rcpt_tos: tuple[str, ...]
     data: bytes
     mail_options: tuple[str, ...]
@@ -209,16 +210,16 @@ class _Handler:
         With this (5-argument) hook aiosmtpd no longer records the EHLO name: we must.
         """
         session.host_name = hostname
-        lines = []
-        for line in responses[:-1]:
+        options = self._options
+        auth = "250-AUTH " + " ".join(options.mechanisms) if options.mechanisms else None
+        lines: list[str] = []
+        for line in responses[:-1]:  # the last one is "250 HELP"
             keyword = line[4:].partition(" ")[0].upper()
-            if keyword == "AUTH":
-                line = "250-AUTH " + " ".join(self._options.mechanisms)
-            if keyword == "8BITMIME" and not self._options.eightbitmime:
-                continue
-            if keyword != "AUTH" or self._options.mechanisms:
+            if keyword == "AUTH" and auth is not None:
+                lines.append(auth)
+            elif keyword != "AUTH" and (keyword != "8BITMIME" or options.eightbitmime):
                 lines.append(line)
-        if self._options.pipelining:
+        if options.pipelining:
             lines.append("250-PIPELINING")
         return [*lines, responses[-1]]
 
@@ -256,17 +257,15 @@ class _Handler:
         return "250 OK"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        data = envelope.original_content
-        if data is None:  # decode_data is off, so content is the same bytes
-            data = envelope.content if isinstance(envelope.content, bytes) else b""
         auth_user = session.auth_data if session.authenticated else None
         transport = server.transport
         queue_id = secrets.token_hex(5).upper()
         self._inbox.deliver(
             ReceivedMessage(
-                mail_from=envelope.mail_from or "",
+                # aiosmtpd keeps the null reverse-path as "<>" (it needs a true value).
+                mail_from="" if envelope.mail_from == "<>" else envelope.mail_from or "",
                 rcpt_tos=tuple(envelope.rcpt_tos),
-                data=data,
+                data=envelope.original_content or b"",
                 mail_options=tuple(envelope.mail_options),
                 rcpt_options=tuple(envelope.rcpt_options),
                 auth_user=auth_user if isinstance(auth_user, str) else None,
@@ -325,8 +324,30 @@ class _Controller(Controller):
 
 
 def _listen(host: str, port: int) -> socket.socket:
-    family = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM)[0][0]
-    return socket.create_server((host, port), family=family)
+    """A listening TCP socket on *host*:*port* (0: a free port).
+
+    Made with ``proto=IPPROTO_TCP`` as getaddrinfo gives it, not ``socket.create_server``
+    (proto 0): asyncio only sets ``TCP_NODELAY`` on accepted sockets whose proto is
+    IPPROTO_TCP, and without it every multi-line reply (aiosmtpd writes one line at a
+    time) stalls some 40 ms on Nagle and the client's delayed ACK.
+    """
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host or None,
+        port,
+        type=socket.SOCK_STREAM,
+        proto=socket.IPPROTO_TCP,
+        flags=socket.AI_PASSIVE,
+    )[0]
+    listener = socket.socket(family, kind, proto)
+    try:
+        if os.name == "posix":
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(address)
+        listener.listen()
+    except BaseException:
+        listener.close()
+        raise
+    return listener
 
 
 def _stop_controller(controller: _Controller) -> None:
@@ -431,6 +452,11 @@ class LocalSMTPServer:
     def __repr__(self) -> str:
         state = "running" if self._running is not None else "stopped"
         return f"<LocalSMTPServer {self.host}:{self.port} tls={self._options.tls} {state}>"
+
+    @property
+    def tls(self) -> TLSMode:
+        """``"none"``, ``"starttls"`` or ``"implicit"``, as configured."""
+        return self._options.tls
 
     @property
     def ca_cert_path(self) -> str:

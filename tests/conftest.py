@@ -76,8 +76,9 @@ def make_backend() -> Iterator[BackendFactory]:
     test.  Audit logging is off unless asked for (most tests do not need the database)."""
     made: list[EmailBackend] = []
 
-    def make(server: LocalSMTPServer, **options: Any) -> EmailBackend:
-        tls = server._options.tls
+    def make(server: Any, **options: Any) -> EmailBackend:
+        """``server`` is a :class:`LocalSMTPServer` or any object with a ``port`` (plain)."""
+        tls = server.tls if isinstance(server, LocalSMTPServer) else "none"
         defaults: dict[str, Any] = {
             "host": "127.0.0.1",
             "port": server.port,

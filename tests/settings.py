@@ -15,6 +15,8 @@ INSTALLED_APPS = [
 ]
 DATABASES = {
     "default": {"ENGINE": "django.db.backends.sqlite3", "NAME": ":memory:"},
+    # A database of its own for the audit log: what SQLite sites should configure.
+    "audit": {"ENGINE": "django.db.backends.sqlite3", "NAME": ":memory:"},
 }
 ROOT_URLCONF = "tests.urls"
 MIDDLEWARE = [

@@ -79,13 +79,10 @@ class SendResult:
     error: BaseException | None = None
     started: float = field(default_factory=time.time)
     elapsed: float = 0.0
-    _status: SendStatus | None = None
 
     @property
     def status(self) -> SendStatus:
         """Derived from the recipients' fates (see :class:`SendStatus`)."""
-        if self._status is not None:
-            return self._status
         fates = [r.status for r in self.recipients]
         delivered = fates.count(RecipientStatus.DELIVERED)
         if fates and delivered == len(fates):
