@@ -32,6 +32,7 @@ from .smtp import (
     SocketMailError,
     Transcript,
 )
+from .smtp.transcript import Listener
 
 if TYPE_CHECKING:
     from django.core.mail import EmailMessage
@@ -94,9 +95,13 @@ class EmailBackend(BaseEmailBackend):
         self.fail_silently = self.options.fail_silently
         self.mailer_alias: str = alias or ""
         self.client: SMTPClient | None = None
+        self.last_client: SMTPClient | None = None
+        """The most recent session, open or not: what it negotiated stays readable."""
         self._recorder: AuditRecorder | None = None
         self._session_error: BaseException | None = None
         self._lock = threading.RLock()
+        self.transcript_listeners: list[Listener] = []
+        """Called with every transcript line of every session (``sendtestmail`` prints)."""
 
     @staticmethod
     def _refuse_unknown(kwargs: dict[str, Any]) -> None:
@@ -148,7 +153,11 @@ class EmailBackend(BaseEmailBackend):
             if self.client is not None and self.client.is_connected:
                 return False
             self._discard_client()
-            client = SMTPClient(self.options.client_config(), transcript=Transcript())
+            transcript = Transcript()
+            for listener in self.transcript_listeners:
+                transcript.subscribe(listener)
+            client = SMTPClient(self.options.client_config(), transcript=transcript)
+            self.last_client = client
             recorder = AuditRecorder(self.options, self.mailer_alias, client)
             try:
                 client.connect()

@@ -28,8 +28,6 @@ def email(**settings: object) -> dict[str, object]:
     return {"EMAIL_BACKEND": "django_socketmail.backend", **settings}
 
 
-
-
 def test_clean_configuration_has_no_messages() -> None:
     if django.VERSION >= (6, 1):
         assert ids(**mailers(host="smtp.example.com", use_tls=True)) == []

@@ -1,0 +1,365 @@
+"""``manage.py sendtestmail``: send a test message and show the SMTP conversation, like swaks.
+
+Exit status: 0 when every recipient was accepted (or ``--check`` passed), 1 when only some
+were, 2 when nothing was sent.  ``--json`` prints the result as one JSON object.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import socket
+from contextlib import ExitStack
+from email.utils import make_msgid
+from typing import Any
+
+import django
+from django.conf import settings
+from django.core.mail import EmailMessage
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.utils import termcolors
+
+from django_socketmail.diagnosis import diagnose
+from django_socketmail.email_backend import RESULT_ATTRIBUTE, EmailBackend
+from django_socketmail.smtp import (
+    InvalidAddressError,
+    SendResult,
+    SendStatus,
+    SocketMailError,
+    TranscriptLine,
+)
+from django_socketmail.smtp.transcript import Direction
+
+PASSWORD_ENV = "SOCKETMAIL_PASSWORD"  # noqa: S105 - a variable's name, not a password
+_COLORS = {
+    Direction.CLIENT: {"fg": "cyan"},
+    Direction.SERVER: {"fg": "green"},
+    Direction.INFO: {"fg": "yellow"},
+}
+_ARROWS = {Direction.CLIENT: " -> ", Direction.SERVER: "<-  ", Direction.INFO: " *  "}
+
+
+class Command(BaseCommand):
+    help = (
+        "Send a test email through django-socketmail and show the SMTP conversation. "
+        "Exit status 0: every recipient accepted; 1: some refused; 2: not sent."
+    )
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("email", nargs="*", help="Recipient addresses.")
+        parser.add_argument("--managers", action="store_true", help="Send to MANAGERS.")
+        parser.add_argument("--admins", action="store_true", help="Send to ADMINS.")
+        parser.add_argument("--using", help="The MAILERS alias to use (Django 6.1+).")
+        parser.add_argument("--from", dest="from_email", help="Sender (DEFAULT_FROM_EMAIL).")
+        parser.add_argument("--subject", help="Subject line.")
+        parser.add_argument("--body", help="Body text.")
+        parser.add_argument("--host", help="SMTP server host (overrides the settings).")
+        parser.add_argument("--port", type=int, help="SMTP server port.")
+        parser.add_argument("--user", help="User name for AUTH.")
+        parser.add_argument(
+            "--password-env",
+            default=PASSWORD_ENV,
+            metavar="VAR",
+            help=f"Environment variable holding the password (default {PASSWORD_ENV}).",
+        )
+        parser.add_argument("--ask-password", action="store_true", help="Prompt for the password.")
+        security = parser.add_mutually_exclusive_group()
+        security.add_argument("--tls", action="store_true", help="Require STARTTLS.")
+        security.add_argument("--ssl", action="store_true", help="Implicit TLS (port 465).")
+        security.add_argument("--no-tls", action="store_true", help="No TLS at all.")
+        parser.add_argument(
+            "--auth", metavar="MECHANISM", help="AUTH mechanism(s), comma-separated."
+        )
+        parser.add_argument("--timeout", type=float, help="Seconds allowed per reply.")
+        parser.add_argument("--ca-file", help="CA bundle (PEM) that signed the certificate.")
+        parser.add_argument(
+            "--check",
+            action="store_true",
+            help="Connect, negotiate TLS, authenticate, then QUIT without sending.",
+        )
+        parser.add_argument("--json", action="store_true", help="Print one JSON object.")
+        parser.add_argument(
+            "--local-server",
+            action="store_true",
+            help="Start a throwaway SMTP server (STARTTLS, AUTH) on 127.0.0.1 and send "
+            "through it (needs the 'demo' extra).",
+        )
+
+    # -- entry point ---------------------------------------------------------------------
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        recipients = self._recipients(options)
+        if not recipients and not options["check"]:
+            raise CommandError(
+                "You must specify some email recipients, or pass the --managers or "
+                "--admins options."
+            )
+        self._json = options["json"]
+        self._color = self.stdout.isatty() and not options.get("no_color")
+        self._transcript: list[TranscriptLine] = []
+        with ExitStack() as stack:
+            overrides = self._overrides(options)
+            server = None
+            if options["local_server"]:
+                server = self._start_local_server(stack, options, overrides)
+            backend = self._backend(options, overrides)
+            backend.transcript_listeners.append(self._on_line)
+            report = self._run(backend, options, recipients)
+            if server is not None and not self._json:
+                self._show_received(server)
+        self._finish(report)
+
+    # -- configuration -------------------------------------------------------------------
+
+    def _recipients(self, options: dict[str, Any]) -> list[str]:
+        recipients = list(options["email"])
+        for flag, setting in (("managers", "MANAGERS"), ("admins", "ADMINS")):
+            if options[flag]:
+                for entry in getattr(settings, setting, []):
+                    recipients.append(entry[1] if isinstance(entry, (tuple, list)) else entry)
+        return recipients
+
+    def _overrides(self, options: dict[str, Any]) -> dict[str, Any]:
+        overrides: dict[str, Any] = {"fail_silently": False}
+        for option, name in (
+            ("host", "host"),
+            ("port", "port"),
+            ("timeout", "timeout"),
+            ("ca_file", "ssl_cafile"),
+        ):
+            if options[option] is not None:
+                overrides[name] = options[option]
+        if options["tls"]:
+            overrides |= {"use_tls": True, "use_ssl": False}
+        elif options["ssl"]:
+            overrides |= {"use_tls": False, "use_ssl": True}
+        elif options["no_tls"]:
+            overrides |= {"use_tls": False, "use_ssl": False}
+        if options["auth"]:
+            overrides["auth_mechanisms"] = [m.strip() for m in options["auth"].split(",")]
+        if options["user"]:
+            overrides["username"] = options["user"]
+            overrides["password"] = self._password(options)
+        return overrides
+
+    def _password(self, options: dict[str, Any]) -> str:
+        if options["ask_password"]:
+            return getpass.getpass(f"Password for {options['user']}: ")
+        password = os.environ.get(options["password_env"])
+        if password is None:
+            raise CommandError(
+                f"--user needs a password: set the environment variable "
+                f"{options['password_env']} or use --ask-password (never a command-line "
+                "argument, which other users can see in the process list)."
+            )
+        return password
+
+    def _start_local_server(
+        self, stack: ExitStack, options: dict[str, Any], overrides: dict[str, Any]
+    ) -> Any:
+        try:
+            from django_socketmail.localserver import LocalSMTPServer
+        except ImportError as error:
+            raise CommandError(str(error)) from None
+        server = stack.enter_context(LocalSMTPServer(tls="starttls", require_tls=True))
+        ((user, password),) = server.users.items()
+        overrides |= {
+            "host": "127.0.0.1",
+            "port": server.port,
+            "use_tls": True,
+            "use_ssl": False,
+            "ssl_cafile": server.ca_cert_path,
+            "username": user,
+            "password": password,
+        }
+        self._say(
+            f"Local SMTP server on 127.0.0.1:{server.port}: STARTTLS with a throwaway CA, "
+            f"AUTH {'/'.join(('CRAM-MD5', 'PLAIN', 'LOGIN'))} as throwaway user {user}.",
+            Direction.INFO,
+        )
+        return server
+
+    def _backend(self, options: dict[str, Any], overrides: dict[str, Any]) -> EmailBackend:
+        alias = options["using"]
+        mailers = getattr(settings, "MAILERS", None) if django.VERSION >= (6, 1) else None
+        if alias is not None and mailers is None:
+            raise CommandError("--using needs MAILERS (Django 6.1 or later).")
+        if mailers is not None:
+            alias = alias or "default"
+            if alias not in mailers:
+                raise CommandError(f"No mailer {alias!r} in MAILERS: {', '.join(mailers)}.")
+            configured = dict(mailers[alias].get("OPTIONS", {}))
+            return EmailBackend(alias=alias, **(configured | overrides))
+        return EmailBackend(**overrides)
+
+    # -- running -------------------------------------------------------------------------
+
+    def _run(
+        self, backend: EmailBackend, options: dict[str, Any], recipients: list[str]
+    ) -> dict[str, Any]:
+        report: dict[str, Any] = {"server": f"{backend.host}:{backend.port}"}
+        error: BaseException | None = None
+        result: SendResult | None = None
+        try:
+            backend.open()  # opened here, so the session can be described after the send
+            if options["check"]:
+                report["check"] = "passed"
+            else:
+                message_id = make_msgid(domain="sendtestmail.invalid")
+                report["message_id"] = message_id
+                message = EmailMessage(
+                    options["subject"] or f"Test email from {socket.gethostname()}",
+                    options["body"] or "If you're reading this, it was successful.",
+                    options["from_email"] or settings.DEFAULT_FROM_EMAIL,
+                    recipients,
+                    headers={"Message-ID": message_id},
+                )
+                try:
+                    backend.send_messages([message])
+                finally:
+                    result = getattr(message, RESULT_ATTRIBUTE, None)
+        except (SocketMailError, InvalidAddressError) as raised:
+            error = raised
+        finally:
+            client = backend.client or backend.last_client
+            if client is not None:
+                report |= _session_report(client)
+            backend.close()
+        if "tls" not in report and error is not None:
+            report["tls"] = None
+        report |= _result_report(result)
+        report["audit_log_id"] = _audit_id(report.get("message_id"), backend)
+        if error is not None:
+            report["error"] = {"class": type(error).__name__, "message": str(error)}
+            session = backend.last_client.info if backend.last_client else None
+            report["hint"] = diagnose(error, backend.options, session)
+        report["exit_status"] = _exit_status(report, error, result)
+        report["transcript"] = [str(line) for line in self._transcript]
+        return report
+
+    def _on_line(self, line: TranscriptLine) -> None:
+        self._transcript.append(line)
+        if not self._json:
+            self._say(line.text, line.direction)
+
+    # -- output ----------------------------------------------------------------------------
+
+    def _say(self, text: str, direction: Direction) -> None:
+        line = _ARROWS[direction] + text
+        if self._color:
+            line = termcolors.colorize(line, **_COLORS[direction])
+        self.stdout.write(line)
+
+    def _show_received(self, server: Any) -> None:
+        for received in server.messages:
+            self.stdout.write("")
+            self.stdout.write(
+                f"The local server received from {received.mail_from} for "
+                f"{', '.join(received.rcpt_tos)} (queue id {received.queue_id}):"
+            )
+            text = received.data.decode("utf-8", "replace")
+            for line in text.splitlines()[:40]:
+                self.stdout.write("  | " + line)
+
+    def _finish(self, report: dict[str, Any]) -> None:
+        if self._json:
+            self.stdout.write(json.dumps(report, indent=2, ensure_ascii=False))
+        else:
+            self._summary(report)
+        status = report["exit_status"]
+        if status:
+            message = report.get("hint") or f"{report.get('status', 'failed')}"
+            raise CommandError(message, returncode=status)
+
+    def _summary(self, report: dict[str, Any]) -> None:
+        write = self.stdout.write
+        write("")
+        write(f"Server:     {report['server']}")
+        write(f"TLS:        {report.get('tls') or 'none'}")
+        if report.get("certificate"):
+            write(f"Certificate: {report['certificate']}")
+        write(f"AUTH:       {report.get('mechanism') or 'none'}")
+        if "check" in report:
+            write("Check:      " + ("passed" if not report.get("error") else "failed"))
+        for address, outcome in report.get("recipients", {}).items():
+            write(f"Recipient:  {address}: {outcome['status']} ({outcome['reply'] or '-'})")
+        if report.get("status"):
+            write(f"Status:     {report['status']}")
+        if report.get("final_reply"):
+            write(f"Reply:      {report['final_reply']}")
+        if report.get("queue_id"):
+            write(f"Queue id:   {report['queue_id']}")
+        if report.get("elapsed") is not None:
+            write(f"Elapsed:    {report['elapsed'] * 1000:.0f} ms")
+        if report.get("audit_log_id"):
+            write(
+                f"Audit log:  message #{report['audit_log_id']} "
+                f"(admin: /admin/django_socketmail/messagelog/{report['audit_log_id']}/change/)"
+            )
+        if report.get("error"):
+            write(self.style.ERROR(f"Error:      {report['error']['message']}"))
+
+
+def _session_report(client: Any) -> dict[str, Any]:
+    info = client.info
+    tls = f"{info.tls_version} {info.tls_cipher}" if info.tls_version else None
+    return {
+        "tls": tls,
+        "certificate": info.peer_certificate,
+        "mechanism": info.auth_mechanism,
+        "greeting": str(info.greeting) if info.greeting else None,
+    }
+
+
+def _result_report(result: SendResult | None) -> dict[str, Any]:
+    if result is None:
+        return {}
+    final = result.final_reply
+    return {
+        "status": result.status.value,
+        "recipients": {
+            r.address: {
+                "status": r.status.value,
+                "code": r.reply.code if r.reply else None,
+                "reply": r.reply.one_line() if r.reply else None,
+            }
+            for r in result.recipients
+        },
+        "final_reply": final.one_line() if final else None,
+        "queue_id": result.queue_id,
+        "elapsed": round(result.elapsed, 4),
+    }
+
+
+def _audit_id(message_id: str | None, backend: EmailBackend) -> int | None:
+    """The audit row of the message just sent, if the log is on and the table exists."""
+    if message_id is None or not backend.options.audit_log:
+        return None
+    from django.db import DatabaseError, router
+
+    from django_socketmail.models import MessageLog
+
+    alias = backend.options.audit_database or router.db_for_read(MessageLog)
+    try:
+        pk = (
+            MessageLog.objects.using(alias)
+            .filter(message_id=message_id)
+            .values_list("pk", flat=True)
+            .last()
+        )
+    except DatabaseError:  # not migrated: there is no entry to show
+        return None
+    return int(pk) if pk is not None else None
+
+
+def _exit_status(
+    report: dict[str, Any], error: BaseException | None, result: SendResult | None
+) -> int:
+    if "check" in report:
+        return 0 if error is None else 2
+    if result is not None and result.status is SendStatus.SENT:
+        return 0
+    if result is not None and result.status is SendStatus.PARTIAL:
+        return 1
+    return 2
