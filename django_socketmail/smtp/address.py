@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from email.errors import HeaderParseError
 from email.headerregistry import AddressHeader
 from typing import Final
 
@@ -57,8 +58,13 @@ def prepare_address(address: str) -> EnvelopeAddress:
         return EnvelopeAddress(address)
     if _CONTROL_CHARACTER.search(address):
         raise InvalidAddressError(f"Invalid address {address!r}: contains a control character")
-    parsed = AddressHeader.value_parser(address)
-    defects = {str(defect) for defect in parsed.all_defects}
+    try:
+        parsed = AddressHeader.value_parser(address)
+        defects = {str(defect) for defect in parsed.all_defects}
+    except (HeaderParseError, ValueError, IndexError, AttributeError) as error:
+        # The standard library's parser fails on some malformed input: IndexError for "a@"
+        # before Python 3.13, AttributeError from all_defects for "a@[b" (unclosed literal).
+        raise InvalidAddressError(f"Invalid address {address!r}: cannot be parsed") from error
     # Django allows local mailboxes such as "webmaster" (#15042); so do we.
     defects.discard("addr-spec local part with no domain")
     defects = {d for d in defects if "non-ASCII" not in d}

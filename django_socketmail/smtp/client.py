@@ -488,7 +488,11 @@ class SMTPClient:
     def _pipeline(self, commands: list[Command]) -> list[Reply]:
         """Send all ``commands`` in one write, then read one reply each (RFC 2920)."""
         self._write(b"".join(self.protocol.send(command) for command in commands))
-        return [self._read_reply().reply for _ in commands]
+        replies: list[Reply] = []
+        for _ in commands:
+            closing = _closing_reply(replies)
+            replies.append(closing if closing is not None else self._read_reply().reply)
+        return replies
 
     def _lockstep(self, commands: list[Command]) -> list[Reply]:
         """Send ``commands`` one at a time; stop after a refused MAIL, and skip DATA when no
@@ -499,7 +503,8 @@ class SMTPClient:
                 r.code in (SMTPStatus.completed, SMTPStatus.will_forward) for r in replies[1:]
             ):
                 break
-            reply = self._command(command)
+            closing = _closing_reply(replies)
+            reply = closing if closing is not None else self._command(command)
             replies.append(reply)
             if isinstance(command, MailFrom) and not reply.is_positive:
                 break
@@ -623,6 +628,15 @@ class ConnectionFailedError(SocketMailError, ConnectionError):
         self.errno = error.errno
         self.host = host
         self.port = port
+
+
+def _closing_reply(replies: list[Reply]) -> Reply | None:
+    """The last of ``replies`` if it is a 421: the server closed the session, no further
+    reply will come, and that 421 stands for the answer to every later command (RFC 5321
+    §3.8, §4.2.2), so the error reported carries it."""
+    if replies and replies[-1].code == SMTPStatus.domain_unavailable:
+        return replies[-1]
+    return None
 
 
 def _b64(data: bytes) -> str:
