@@ -43,6 +43,8 @@ __all__ = ["AuditRecorder", "render_lines"]
 logger = logging.getLogger("django_socketmail")
 
 CLONE_SUFFIX = "__socketmail_audit"
+MAX_SESSION_LINES = 2000
+"""The session's own transcript (outside messages) keeps its latest lines only."""
 
 
 def render_lines(lines: list[TranscriptLine]) -> str:
@@ -69,24 +71,15 @@ class AuditRecorder:
     client: SMTPClient
     started: datetime = field(default_factory=timezone.now)
     _session_pk: int | None = None
-    _cursor: int = 0
     _session_lines: list[TranscriptLine] = field(default_factory=list)
     _messages: list[_MessageRecord] = field(default_factory=list)
     _ended: datetime | None = None
     _error: BaseException | None = None
 
-    def message_started(self) -> None:
-        """Mark where the next message's part of the transcript begins."""
-        lines = self.client.transcript.lines
-        self._session_lines += lines[self._cursor :]
-        self._cursor = len(lines)
-
     def message_finished(
         self, message: EmailMessage | None, result: SendResult, raw: bytes
     ) -> None:
-        """Record one attempt; its transcript is everything since :meth:`message_started`."""
-        lines = self.client.transcript.lines
-        own, self._cursor = lines[self._cursor :], len(lines)
+        """Record one attempt, with its own part of the transcript (``result.transcript``)."""
         body_bytes = self.options.audit_body_bytes
         self._messages.append(
             _MessageRecord(
@@ -94,20 +87,20 @@ class AuditRecorder:
                 result=result,
                 message_id=_header(message, "Message-ID", raw),
                 subject=str(message.subject) if message is not None else "",
-                transcript=render_lines(own),
+                transcript=render_lines(result.transcript),
                 body=raw[:body_bytes].decode("utf-8", "replace") if body_bytes else "",
             )
         )
 
     def session_ended(self, error: BaseException | None) -> None:
         """The session is over (closed, or failed to open or to go on)."""
-        self._session_lines += self.client.transcript.lines[self._cursor :]
-        self._cursor = len(self.client.transcript.lines)
         self._ended = timezone.now()
         self._error = error
 
     def flush(self) -> None:
         """Write what is buffered; never raises."""
+        self._session_lines += self.client.transcript.take_untapped()
+        del self._session_lines[:-MAX_SESSION_LINES]
         if not self.options.audit_log:
             self._messages.clear()
             return

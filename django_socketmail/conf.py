@@ -84,6 +84,11 @@ OPTIONS: Final[dict[str, Option]] = {
     "ssl_verify": Option("bool", True, "Verify the server certificate and host name."),
     "local_hostname": Option("str | None", None, "Name sent with EHLO; default: this host's FQDN."),
     "pipelining": Option("bool", True, "Use PIPELINING when the server offers it (RFC 2920)."),
+    "chunking": Option("bool", True, "Use BDAT when the server offers CHUNKING (RFC 3030)."),
+    "pool": Option("bool", False, "Keep sessions open between calls, process-wide."),
+    "pool_idle_timeout": Option("float", 30.0, "Seconds a pooled session may sit idle."),
+    "pool_max_age": Option("float", 300.0, "Seconds after which a pooled session retires."),
+    "pool_max_messages": Option("int", 1000, "Messages after which a pooled session retires."),
     "audit_log": Option("bool", True, "Record every SMTP conversation in the audit log."),
     "audit_body_bytes": Option(
         "int",
@@ -135,6 +140,11 @@ class BackendOptions:
     ssl_verify: bool
     local_hostname: str | None
     pipelining: bool
+    chunking: bool
+    pool: bool
+    pool_idle_timeout: float
+    pool_max_age: float
+    pool_max_messages: int
     audit_log: bool
     audit_body_bytes: int
     audit_database: str | None
@@ -163,6 +173,7 @@ class BackendOptions:
             ssl_keyfile=self.ssl_keyfile,
             ssl_verify=self.ssl_verify,
             pipelining=self.pipelining,
+            chunking=self.chunking,
         )
 
 
@@ -279,6 +290,13 @@ def _mechanisms(value: Any) -> tuple[str, ...]:
     return names
 
 
+def _positive(value: Any, unit: str, *, whole: bool = False) -> float:
+    kinds = (int,) if whole else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds) or value <= 0:
+        raise ValueError(f"expected a number of {unit} > 0, got {value!r}")
+    return value
+
+
 def _non_negative(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"expected a whole number >= 0, got {value!r}")
@@ -310,6 +328,11 @@ _VALIDATORS: Final[dict[str, Callable[[Any], Any]]] = {
     "ssl_verify": _boolean,
     "local_hostname": _optional_string,
     "pipelining": _boolean,
+    "chunking": _boolean,
+    "pool": _boolean,
+    "pool_idle_timeout": lambda v: _positive(v, "seconds"),
+    "pool_max_age": lambda v: _positive(v, "seconds"),
+    "pool_max_messages": lambda v: int(_positive(v, "messages", whole=True)),
     "audit_log": _boolean,
     "audit_body_bytes": _non_negative,
     "audit_database": _optional_string,

@@ -24,6 +24,7 @@ from django.core.mail.backends.base import BaseEmailBackend
 
 from .audit import AuditRecorder
 from .conf import OPTIONS, BackendOptions, resolve_options
+from .pool import POOL, PooledSession, PoolLimits
 from .smtp import (
     InvalidAddressError,
     SendResult,
@@ -32,6 +33,7 @@ from .smtp import (
     SocketMailError,
     Transcript,
 )
+from .smtp.sending import Transaction
 from .smtp.transcript import Listener
 
 if TYPE_CHECKING:
@@ -98,6 +100,7 @@ class EmailBackend(BaseEmailBackend):
         self.last_client: SMTPClient | None = None
         """The most recent session, open or not: what it negotiated stays readable."""
         self._recorder: AuditRecorder | None = None
+        self._pooled: PooledSession | None = None
         self._session_error: BaseException | None = None
         self._lock = threading.RLock()
         self.transcript_listeners: list[Listener] = []
@@ -153,6 +156,16 @@ class EmailBackend(BaseEmailBackend):
             if self.client is not None and self.client.is_connected:
                 return False
             self._discard_client()
+            if self.options.pool:
+                pooled = POOL.acquire(self.options.client_config(), self._limits, _retire)
+                if pooled is not None:
+                    self.client, self._recorder, self._pooled = (
+                        pooled.client,
+                        pooled.recorder,
+                        pooled,
+                    )
+                    self.last_client = pooled.client
+                    return True
             transcript = Transcript()
             for listener in self.transcript_listeners:
                 transcript.subscribe(listener)
@@ -168,18 +181,27 @@ class EmailBackend(BaseEmailBackend):
                     raise
                 return None
             self.client, self._recorder, self._session_error = client, recorder, None
+            if self.options.pool:
+                self._pooled = PooledSession(client, recorder)
             return True
 
     def close(self) -> None:
-        """QUIT (falling back to closing the socket) and forget the session.  Never raises
-        for a dead server."""
+        """Give the session back to the pool (``pool=True``), or QUIT (falling back to
+        closing the socket) and forget it.  Never raises for a dead server."""
         with self._lock:
+            pooled, self._pooled = self._pooled, None
+            if pooled is not None and self.client is pooled.client:
+                self.client, self._recorder = None, None
+                pooled.recorder.flush()
+                POOL.release(pooled, self._limits, _retire)
+                return
             client = self.client
             if client is not None:
                 client.quit()
             self._end_session()
 
     def _discard_client(self) -> None:
+        self._pooled = None
         if self.client is not None:
             self.client.close()
         self._end_session()
@@ -194,11 +216,14 @@ class EmailBackend(BaseEmailBackend):
     # -- sending ------------------------------------------------------------------------
 
     def send_messages(self, email_messages: Sequence[EmailMessage]) -> int:
-        """Send each message; return how many the server accepted for at least one recipient.
+        """Send the messages; return how many the server accepted for at least one recipient.
 
+        The messages of one call travel pipelined (BDAT when the server offers CHUNKING).
         Per-message results land on ``message.socketmail_result``.  Unless
         ``fail_silently``, the first message that fails raises its error (after its result
-        is recorded) and later messages are not attempted, as in Django's backend.
+        is recorded) and later messages are not started, as in Django's backend; with
+        CHUNKING, messages already in flight alongside it are finished and reported
+        truthfully on their results.
         """
         if not email_messages:
             return 0
@@ -206,47 +231,82 @@ class EmailBackend(BaseEmailBackend):
             opened = self.open()
             if self.client is None or opened is None:
                 return 0
-            sent = 0
             try:
-                for message in email_messages:
-                    if self._send(message):
-                        sent += 1
+                return self._send_all([m for m in email_messages if m.recipients()])
             finally:
                 if opened:
                     self.close()
                 elif self._recorder is not None:
                     self._recorder.flush()
-            return sent
 
-    def _send(self, message: EmailMessage) -> bool:
-        recipients = message.recipients()
-        if not recipients:
-            return False
-        # A previous message that broke the session: this one gets a fresh connection.
-        broken = self.client is None or not self.client.is_connected
-        if broken and self.open() is None:
-            return False
-        client, recorder = self.client, self._recorder
-        assert client is not None
-        assert recorder is not None
-        raw = serialize(message)
-        recorder.message_started()
-        try:
-            result = client.send_mail(message.from_email, recipients, raw)
-        except InvalidAddressError as error:
-            # Refused before a byte was sent; still an attempt worth a row.
-            result = SendResult(str(message.from_email), [], size=len(raw))
-            result.fail(error)
-            setattr(message, RESULT_ATTRIBUTE, result)
-            recorder.message_finished(message, result, raw)
-            raise
+    def _send_all(self, messages: list[EmailMessage]) -> int:
+        sent = 0
+        while messages:
+            # A session broken by an earlier batch: only never-started messages come back
+            # here, and they go on a fresh connection.
+            if (self.client is None or not self.client.is_connected) and self.open() is None:
+                return sent
+            client, recorder = self.client, self._recorder
+            assert client is not None
+            assert recorder is not None
+            batch: list[tuple[EmailMessage, Transaction, bytes]] = []
+            refused: tuple[EmailMessage, SendResult, bytes, BaseException] | None = None
+            for message in messages:
+                raw = serialize(message)
+                try:
+                    transaction = client.prepare(message.from_email, message.recipients(), raw)
+                except InvalidAddressError as invalid:
+                    # Refused before a byte was sent; still an attempt worth a row.
+                    result = SendResult(str(message.from_email), [], size=len(raw))
+                    result.fail(invalid)
+                    refused = (message, result, raw, invalid)
+                    break
+                unsendable = transaction.result.error
+                if unsendable is not None and not self.fail_silently:
+                    refused = (message, transaction.result, raw, unsendable)
+                    break
+                if unsendable is not None:
+                    self._record(recorder, message, transaction.result, raw)
+                    continue
+                batch.append((message, transaction, raw))
+            runner = client.send([t for _, t, _ in batch], stop_on_error=not self.fail_silently)
+            for message, transaction, raw in batch:
+                if id(transaction.result) not in runner.unattempted:
+                    self._record(recorder, message, transaction.result, raw)
+                    sent += transaction.result.status in (SendStatus.SENT, SendStatus.PARTIAL)
+            if runner.errors and not client.is_connected:
+                self._session_error = runner.errors[-1][1]
+            if runner.errors and not self.fail_silently:
+                raise runner.errors[0][1]
+            if refused is not None:
+                self._record(recorder, *refused[:3])
+                raise refused[3]
+            retry = [m for m, t, _ in batch if id(t.result) in runner.unattempted]
+            if len(retry) == len(messages):
+                return sent  # no progress: the server takes nothing from us
+            messages = retry
+        return sent
+
+    def _record(
+        self, recorder: AuditRecorder, message: EmailMessage, result: SendResult, raw: bytes
+    ) -> None:
         setattr(message, RESULT_ATTRIBUTE, result)
         recorder.message_finished(message, result, raw)
-        if not client.is_connected:
-            self._session_error = result.error
-        if result.error is not None and not self.fail_silently:
-            raise result.error
-        return result.status in (SendStatus.SENT, SendStatus.PARTIAL)
+
+    @property
+    def _limits(self) -> PoolLimits:
+        return PoolLimits(
+            idle_timeout=self.options.pool_idle_timeout,
+            max_age=self.options.pool_max_age,
+            max_messages=self.options.pool_max_messages,
+        )
+
+
+def _retire(session: PooledSession) -> None:
+    """End a pooled session for good: QUIT, and its audit record."""
+    session.client.quit()
+    session.recorder.session_ended(None)
+    session.recorder.flush()
 
 
 def serialize(message: EmailMessage) -> bytes:

@@ -104,7 +104,8 @@ def test_bdat_framing() -> None:
     conn.pipelining = True
     conn.send(MailFrom("a@x"))
     conn.send(RcptTo("b@x"))
-    assert conn.send_bdat(b".a\r\n") == b"BDAT 4 LAST\r\n.a\r\n"
+    assert conn.send_bdat(4, lines=1) == b"BDAT 4 LAST\r\n"  # the 4 octets follow as is
+    assert "C: [message content: 4 bytes, 1 lines]" in conn.transcript.render()
 
 
 def test_content_only_after_354() -> None:

@@ -26,6 +26,7 @@ import binascii
 import contextlib
 import enum
 import functools
+import select
 import socket
 import ssl
 import time
@@ -39,14 +40,10 @@ from .commands import (
     AuthCancel,
     AuthResponse,
     Command,
-    Data,
     Ehlo,
     Helo,
-    MailFrom,
     Noop,
     Quit,
-    RcptTo,
-    Rset,
     StartTLS,
 )
 from .content import has_8bit, normalize_line_endings
@@ -54,14 +51,10 @@ from .errors import (
     AuthenticationError,
     CleartextAuthError,
     ConnectError,
-    DataError,
     HeloError,
     LocalProtocolError,
     MessageTooLargeError,
     NotSupportedError,
-    RecipientsRefused,
-    RemoteProtocolError,
-    SenderRefused,
     ServerDisconnected,
     SMTPTimeoutError,
     SocketMailError,
@@ -70,8 +63,9 @@ from .errors import (
 from .extensions import Extensions
 from .protocol import NEED_DATA, ReplyReceived, SessionState, SMTPConnection
 from .reply import Reply, SMTPStatus
-from .result import RecipientResult, RecipientStatus, SendResult
+from .result import RecipientResult, SendResult
 from .sasl import DEFAULT_PREFERENCE, MECHANISMS, Mechanism, UnexpectedChallenge
+from .sending import Transaction, TransactionRunner
 from .transcript import Transcript
 
 __all__ = ["DEFAULT_TIMEOUT", "ClientConfig", "SMTPClient", "SessionInfo", "TLSMode"]
@@ -83,6 +77,8 @@ QUIT_TIMEOUT: Final = 5.0
 """Most seconds spent waiting for the 221 to QUIT: closing must not hang."""
 
 RECV_SIZE: Final = 65536
+COALESCE_LIMIT: Final = 65536
+"""Parts smaller than this are joined into one write; larger ones are written alone."""
 
 _EHLO_REFUSED_TRY_HELO: Final = frozenset({500, 502, 504, 550})
 _MECHANISM_UNAVAILABLE: Final = frozenset({504, 534, 538})
@@ -122,6 +118,7 @@ class ClientConfig:
     server_hostname: str | None = None
     """Name the certificate must match (and SNI); defaults to ``host``."""
     pipelining: bool = True
+    chunking: bool = True
 
     def ssl_context(self) -> ssl.SSLContext:
         """The client TLS context: chain and host name verified unless ``ssl_verify`` is off."""
@@ -364,46 +361,83 @@ class SMTPClient:
 
     # -- sending -----------------------------------------------------------------------
 
-    def send_mail(self, mail_from: str, recipients: Sequence[str], message: bytes) -> SendResult:
-        """Send ``message`` (any line endings) from ``mail_from`` to ``recipients``.
+    def prepare(self, mail_from: str, recipients: Sequence[str], message: bytes) -> Transaction:
+        """Check one message against the session and build its transaction.
 
-        Addresses are prepared first (raising :class:`InvalidAddressError` before any byte is
-        sent).  Every other failure is recorded on the returned result (``result.error``),
-        with each recipient's fate; when the session broke, :attr:`is_connected` turns
-        False.  Recipients refused with ``452`` are retried in a new transaction as long as
-        each transaction delivers to someone (RFC 5321 §4.5.3.1.10).
+        Raises :class:`InvalidAddressError` for an unusable address (before any byte is
+        sent).  A message this server cannot take (SMTPUTF8 not offered, larger than SIZE)
+        comes back already failed: ``transaction.result.error`` is set.
         """
-        started = time.monotonic()
         sender = prepare_address(mail_from)
         envelope = [prepare_address(address) for address in recipients]
         result = SendResult(
             sender.addr_spec, [RecipientResult(r.addr_spec) for r in dict.fromkeys(envelope)]
         )
+        content = normalize_line_endings(message)
+        result.size = len(content)
+        transaction = Transaction(
+            result, sender.addr_spec, (), list(result.recipients), content, content.count(b"\n")
+        )
         try:
-            content = normalize_line_endings(message)
-            result.size = len(content)
             self._check_sendable(sender, envelope, content)
-            parameters = self._mail_parameters(sender, envelope, content)
-            todo = list(result.recipients)
-            while todo:
-                deferred = self._transaction(result, sender, parameters, todo, content)
-                if not deferred or len(deferred) == len(todo):
-                    break
-                for recipient in deferred:
-                    recipient.status = RecipientStatus.PENDING
-                todo = deferred
         except SocketMailError as error:
-            self._fail_pending(result, error)
-        result.elapsed = time.monotonic() - started
-        if result.status in (result.status.SENT, result.status.PARTIAL):
-            self.info.messages_sent += 1
-        return result
+            result.fail(error)
+            return transaction
+        transaction.parameters = self._mail_parameters(sender, envelope, content)
+        return transaction
+
+    def send(
+        self, transactions: Sequence[Transaction], *, stop_on_error: bool = False
+    ) -> TransactionRunner:
+        """Send prepared transactions (pipelined, with BDAT, when the server allows) and
+        return the runner: its ``errors`` and ``unattempted`` say what happened beyond each
+        result.  When the session broke, :attr:`is_connected` turns False."""
+        started = time.monotonic()
+        runner = TransactionRunner(
+            self,
+            pipelining=self.protocol.pipelining,
+            chunking=self.protocol.pipelining and self._chunking(),
+            stop_on_error=stop_on_error,
+        )
+        if not self.is_connected:
+            error = ServerDisconnected("not connected")
+            for transaction in transactions:
+                transaction.result.fail(error)
+                runner.errors.append((transaction.result, error))
+            return runner
+        runner.run(transactions)
+        elapsed = time.monotonic() - started
+        for transaction in transactions:
+            result = transaction.result
+            result.elapsed = elapsed / len(transactions)
+            if result.status in (result.status.SENT, result.status.PARTIAL):
+                self.info.messages_sent += 1
+        if self.protocol.state is not SessionState.READY or self.protocol.pending:
+            self.close()
+        return runner
+
+    def send_mail(self, mail_from: str, recipients: Sequence[str], message: bytes) -> SendResult:
+        """Send one message (any line endings) and return its result.
+
+        Addresses are prepared first (raising :class:`InvalidAddressError` before any byte
+        is sent).  Every other failure is recorded on the result (``result.error``), with
+        each recipient's fate.  Recipients refused with ``452`` are retried in a new
+        transaction as long as each transaction delivers to someone (RFC 5321
+        §4.5.3.1.10).
+        """
+        started = time.monotonic()
+        transaction = self.prepare(mail_from, recipients, message)
+        if transaction.result.error is None:
+            self.send([transaction])
+        transaction.result.elapsed = time.monotonic() - started
+        return transaction.result
+
+    def _chunking(self) -> bool:
+        return self.config.chunking and "CHUNKING" in self.protocol.extensions
 
     def _check_sendable(
         self, sender: EnvelopeAddress, envelope: list[EnvelopeAddress], content: bytes
     ) -> None:
-        if not self.is_connected:
-            raise ServerDisconnected("not connected")
         extensions = self.protocol.extensions
         if "SMTPUTF8" not in extensions:
             for address in (sender, *envelope):
@@ -429,120 +463,16 @@ class SMTPClient:
             parameters.append("SMTPUTF8")
         return tuple(parameters)
 
-    def _transaction(
-        self,
-        result: SendResult,
-        sender: EnvelopeAddress,
-        parameters: tuple[str, ...],
-        recipients: list[RecipientResult],
-        content: bytes,
-    ) -> list[RecipientResult]:
-        """One MAIL/RCPT/DATA transaction; returns the recipients deferred with 452."""
-        commands: list[Command] = [MailFrom(sender.addr_spec, parameters)]
-        commands += [RcptTo(r.address) for r in recipients]
-        commands.append(Data())
-        send = self._pipeline if self.protocol.pipelining else self._lockstep
-        replies = send(commands)
-        mail_reply, data_reply = replies[0], replies[-1] if len(replies) == len(commands) else None
-        if not mail_reply.is_positive:
-            if data_reply is not None and data_reply.code == SMTPStatus.start_input:
-                self._abort_data()
-            self._reset()
-            raise SenderRefused(mail_reply, sender.addr_spec)
-        accepted: list[RecipientResult] = []
-        deferred: list[RecipientResult] = []
-        for recipient, reply in zip(recipients, replies[1 : 1 + len(recipients)], strict=False):
-            recipient.reply = reply
-            if reply.code in (SMTPStatus.completed, SMTPStatus.will_forward):
-                accepted.append(recipient)
-            else:
-                recipient.status = RecipientStatus.REFUSED
-                if reply.code == SMTPStatus.insufficient_storage:
-                    deferred.append(recipient)
-        if not accepted:
-            if data_reply is not None and data_reply.code == SMTPStatus.start_input:
-                self._abort_data()
-            self._reset()
-            if result.accepted:
-                return []
-            raise RecipientsRefused(
-                {r.address: r.reply for r in result.recipients if r.reply is not None}
-            )
-        assert data_reply is not None
-        if data_reply.code != SMTPStatus.start_input:
-            for recipient in accepted:
-                recipient.status = RecipientStatus.FAILED
-            self._reset()
-            raise DataError(data_reply, "DATA")
-        final = self._send_content(content, accepted)
-        result.final_replies.append(final)
-        for recipient in accepted:
-            recipient.final_reply = final
-            recipient.status = (
-                RecipientStatus.DELIVERED if final.is_positive else RecipientStatus.FAILED
-            )
-        if not final.is_positive:
-            raise DataError(final, "end of data")
-        return deferred
-
-    def _pipeline(self, commands: list[Command]) -> list[Reply]:
-        """Send all ``commands`` in one write, then read one reply each (RFC 2920)."""
-        self._write(b"".join(self.protocol.send(command) for command in commands))
-        replies: list[Reply] = []
-        for _ in commands:
-            closing = _closing_reply(replies)
-            replies.append(closing if closing is not None else self._read_reply().reply)
-        return replies
-
-    def _lockstep(self, commands: list[Command]) -> list[Reply]:
-        """Send ``commands`` one at a time; stop after a refused MAIL, and skip DATA when no
-        recipient was accepted."""
-        replies: list[Reply] = []
-        for command in commands:
-            if isinstance(command, Data) and not any(
-                r.code in (SMTPStatus.completed, SMTPStatus.will_forward) for r in replies[1:]
-            ):
-                break
-            closing = _closing_reply(replies)
-            reply = closing if closing is not None else self._command(command)
-            replies.append(reply)
-            if isinstance(command, MailFrom) and not reply.is_positive:
-                break
-        return replies
-
-    def _send_content(self, content: bytes, accepted: list[RecipientResult]) -> Reply:
-        """Send the content after 354 and read the final reply.  A lost connection after the
-        whole content went out leaves the accepted recipients UNKNOWN, not FAILED."""
-        payload = self.protocol.send_content(content)
-        self._write(payload)
-        try:
-            return self._read_reply().reply
-        except (ServerDisconnected, SMTPTimeoutError, RemoteProtocolError):
-            for recipient in accepted:
-                recipient.status = RecipientStatus.UNKNOWN
-            raise
-
-    def _abort_data(self) -> None:
-        """After an unwanted 354: end the content at once; the server must refuse it."""
-        self._write(self.protocol.send_content(b""))
-        self._read_reply()
-
-    def _reset(self) -> None:
-        """RSET after a failed transaction, when the session is still usable; a session that
-        cannot even reset is closed (the failure being reported is the transaction's)."""
-        if self.is_connected:
-            try:
-                reply = self._command(Rset())
-            except SocketMailError:
-                self.close()
-                return
-            if not reply.is_positive:
-                self.close()
-
-    def _fail_pending(self, result: SendResult, error: SocketMailError) -> None:
-        result.fail(error)
-        if self.protocol.state is not SessionState.READY or self.protocol.pending:
-            self.close()
+    def peer_has_spoken(self) -> bool:
+        """True when the server sent something unasked (EOF, a 421) while we were idle: a
+        session that must not be reused.  Costs no round trip and never blocks."""
+        sock = self._sock
+        if sock is None:
+            return True
+        if isinstance(sock, ssl.SSLSocket) and sock.pending():
+            return True
+        readable, _, _ = select.select([sock], [], [], 0)
+        return bool(readable)
 
     def noop(self) -> Reply:
         """Send NOOP and return the reply (a liveness check costing one round trip)."""
@@ -572,6 +502,37 @@ class SMTPClient:
     def _command(self, command: Command, *, timeout: float | None = None) -> Reply:
         self._write(self.protocol.send(command))
         return self._read_reply(timeout).reply
+
+    def write(self, parts: Sequence[bytes]) -> None:
+        """Send ``parts`` in order: small ones joined into one write, large ones on their own
+        (no copy).  A failure is re-raised with ``parts_written`` set on it: how many parts
+        fully left before it."""
+        written = 0
+        batch: list[bytes] = []
+        size = 0
+        try:
+            for index, part in enumerate(parts):
+                if len(part) >= COALESCE_LIMIT:
+                    if batch:
+                        self._write(b"".join(batch))
+                        written, batch, size = index, [], 0
+                    self._write(part)
+                    written = index + 1
+                else:
+                    batch.append(part)
+                    size += len(part)
+                    if size >= COALESCE_LIMIT:
+                        self._write(b"".join(batch))
+                        written, batch, size = index + 1, [], 0
+            if batch:
+                self._write(b"".join(batch))
+        except SocketMailError as error:
+            error.parts_written = written  # type: ignore[attr-defined]
+            raise
+
+    def read_reply(self) -> Reply:
+        """The next complete reply, within the configured timeout."""
+        return self._read_reply().reply
 
     def _write(self, data: bytes) -> None:
         sock = self._sock
@@ -628,15 +589,6 @@ class ConnectionFailedError(SocketMailError, ConnectionError):
         self.errno = error.errno
         self.host = host
         self.port = port
-
-
-def _closing_reply(replies: list[Reply]) -> Reply | None:
-    """The last of ``replies`` if it is a 421: the server closed the session, no further
-    reply will come, and that 421 stands for the answer to every later command (RFC 5321
-    §3.8, §4.2.2), so the error reported carries it."""
-    if replies and replies[-1].code == SMTPStatus.domain_unavailable:
-        return replies[-1]
-    return None
 
 
 def _b64(data: bytes) -> str:

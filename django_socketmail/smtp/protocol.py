@@ -144,15 +144,17 @@ class SMTPConnection:
         self.state = SessionState.READY
         return payload
 
-    def send_bdat(self, chunk: bytes, *, last: bool = True) -> bytes:
-        """Return ``BDAT <n> [LAST]`` followed by ``chunk`` (sent as is: no stuffing, no dot)."""
-        command = Bdat(len(chunk), last)
+    def send_bdat(self, size: int, *, last: bool = True, lines: int = 0) -> bytes:
+        """Return the line ``BDAT <size> [LAST]``; the caller sends exactly ``size`` octets
+        right after it, as they are (no stuffing, no final dot).  ``lines`` is only for the
+        transcript's summary of the chunk."""
+        command = Bdat(size, last)
         self._check_can_send(command.verb)
         line = command.line()
         self.transcript.client(command.transcript_text())
-        self.transcript.content(len(chunk), chunk.count(b"\n"))
+        self.transcript.content(size, lines)
         self._pending.append(command)
-        return line + chunk
+        return line
 
     def _check_can_send(self, verb: str) -> None:
         if self.state is SessionState.CLOSED:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from .reply import Reply
+from .transcript import TranscriptLine
 
 __all__ = ["RecipientResult", "RecipientStatus", "SendResult", "SendStatus", "parse_queue_id"]
 
@@ -79,6 +80,8 @@ class SendResult:
     error: BaseException | None = None
     started: float = field(default_factory=time.time)
     elapsed: float = 0.0
+    transcript: list[TranscriptLine] = field(default_factory=list, repr=False)
+    """The lines of the conversation that concern this message (redacted)."""
 
     @property
     def status(self) -> SendStatus:

@@ -58,6 +58,10 @@ class Transcript:
     def __init__(self, *, max_lines: int = MAX_TRANSCRIPT_LINES) -> None:
         self.lines: list[TranscriptLine] = []
         self.omitted = 0
+        self.tap: list[TranscriptLine] | None = None
+        """While set, every line is also appended here: the lines of one message."""
+        self.untapped: list[TranscriptLine] = []
+        """Lines recorded while no tap was set (the session's own), until taken."""
         self._max_lines = max_lines
         self._started = time.monotonic()
         self._listeners: list[Listener] = []
@@ -82,6 +86,11 @@ class Transcript:
         """Record message content by its size only: bodies are never transcribed."""
         self._record(Direction.CLIENT, f"[message content: {size} bytes, {lines} lines]")
 
+    def take_untapped(self) -> list[TranscriptLine]:
+        """Return and forget the session's own lines recorded so far."""
+        lines, self.untapped = self.untapped, []
+        return lines
+
     def render(self) -> str:
         """The whole transcript as text, one ``C: ``/``S: ``/``*: `` line each."""
         text = "\n".join(str(line) for line in self.lines)
@@ -97,6 +106,10 @@ class Transcript:
             self.lines.append(line)
         else:
             self.omitted += 1
+        if self.tap is not None:
+            self.tap.append(line)
+        elif len(self.untapped) < self._max_lines:
+            self.untapped.append(line)
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("%s", line)
         for listener in self._listeners:

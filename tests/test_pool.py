@@ -1,0 +1,113 @@
+"""The warm-connection pool: reuse, expiry, a server that hung up while idle, audit rows, fork."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from django_socketmail.email_backend import EmailBackend, _retire
+from django_socketmail.models import MessageLog, SessionLog
+from django_socketmail.pool import POOL
+from django_socketmail.smtp import SendStatus
+
+from .hostile.server import HostileSMTPServer, close, reply, standard_session
+from .test_backend import message
+
+
+@pytest.fixture(autouse=True)
+def empty_pool() -> Iterator[None]:
+    POOL.clear(_retire)
+    yield
+    POOL.clear(_retire)
+
+
+def pooled(server: HostileSMTPServer, **options: Any) -> EmailBackend:
+    defaults: dict[str, Any] = {
+        "host": "127.0.0.1",
+        "port": server.port,
+        "timeout": 2,
+        "pool": True,
+        "audit_log": False,
+        "local_hostname": "client.example",
+    }
+    return EmailBackend(**(defaults | options))
+
+
+def test_separate_calls_share_one_connection() -> None:
+    with HostileSMTPServer(standard_session()) as server:
+        for _ in range(3):
+            assert pooled(server).send_messages([message()]) == 1
+        assert len(server.connections) == 1
+        assert len(server.messages) == 3
+        assert POOL.idle_count() == 1
+    POOL.clear(_retire)
+
+
+def test_a_different_configuration_gets_its_own_connection() -> None:
+    with HostileSMTPServer(standard_session()) as server:
+        pooled(server).send_messages([message()])
+        pooled(server, local_hostname="other.example").send_messages([message()])
+        assert len(server.connections) == 2
+
+
+def test_server_closed_while_idle_is_detected_without_sending_into_it() -> None:
+    first = standard_session({".": [reply(250, "2.0.0 Ok: queued as A"), close()]})
+    with HostileSMTPServer([first, standard_session()]) as server:
+        assert pooled(server).send_messages([message()]) == 1
+        assert server.wait_closed(count=1)
+        msg = message()
+        assert pooled(server).send_messages([msg]) == 1
+        assert msg.socketmail_result.status is SendStatus.SENT  # type: ignore[attr-defined]
+        first_conn, second_conn = server.connections
+        assert first_conn.received.count(b"MAIL FROM") == 1  # nothing sent into the dead one
+        assert second_conn.received.count(b"MAIL FROM") == 1
+
+
+def test_unsolicited_421_while_idle_retires_the_session() -> None:
+    first = standard_session({".": [reply(250, "2.0.0 Ok"), reply(421, "4.4.2 idle timeout")]})
+    with HostileSMTPServer([first, standard_session()]) as server:
+        pooled(server).send_messages([message()])
+        server.wait_closed(timeout=0.3)
+        assert pooled(server).send_messages([message()]) == 1
+        assert len(server.connections) == 2
+        assert server.connections[0].received.count(b"MAIL FROM") == 1
+
+
+def test_max_messages_and_idle_timeout() -> None:
+    with HostileSMTPServer(standard_session()) as server:
+        for _ in range(3):
+            pooled(server, pool_max_messages=2).send_messages([message()])
+        assert len(server.connections) == 2
+    with HostileSMTPServer(standard_session()) as server:
+        for _ in range(2):
+            pooled(server, pool_idle_timeout=0.0001).send_messages([message()])
+        assert len(server.connections) == 2
+
+
+def test_after_fork_the_child_never_reuses_the_parents_sessions() -> None:
+    with HostileSMTPServer(standard_session()) as server:
+        pooled(server).send_messages([message()])
+        assert POOL.idle_count() == 1
+        # What os.fork() changes, as seen by the pool: the process id.  (A real fork of
+        # this multi-threaded test process is what CPython warns against.)
+        POOL._pid = -1
+        pooled(server).send_messages([message()])
+        assert len(server.connections) == 2
+
+
+@pytest.mark.django_db(transaction=True)
+def test_one_session_row_per_physical_connection() -> None:
+    with HostileSMTPServer(standard_session()) as server:
+        for _ in range(3):
+            assert pooled(server, audit_log=True).send_messages([message()]) == 1
+        assert MessageLog.objects.count() == 3
+        assert SessionLog.objects.count() == 1
+        POOL.clear(_retire)
+        session = SessionLog.objects.get()
+        assert session.ended is not None
+        assert session.messages_sent == 3
+        assert "C: QUIT" in session.transcript
+        assert os.getpid() == POOL._pid
