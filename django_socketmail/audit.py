@@ -22,6 +22,8 @@ Guarantees:
 from __future__ import annotations
 
 import logging
+import random
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -43,6 +45,8 @@ __all__ = ["AuditRecorder", "render_lines"]
 logger = logging.getLogger("django_socketmail")
 
 CLONE_SUFFIX = "__socketmail_audit"
+LOCKED_RETRY_PAUSES = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5)
+"""Pauses between tries of a write that found the database locked (about 1.5 s in all)."""
 MAX_SESSION_LINES = 2000
 """The session's own transcript (outside messages) keeps its latest lines only."""
 
@@ -119,7 +123,7 @@ class AuditRecorder:
     def _write(self) -> None:
         alias, clone = _audit_alias(self.options.audit_database)
         try:
-            self._write_rows(alias)
+            self._write_rows_retrying(alias, retry=clone is None)
         except OperationalError:
             if clone is None or clone.vendor != "sqlite":
                 raise
@@ -134,6 +138,18 @@ class AuditRecorder:
         finally:
             if clone is not None:
                 _close_clone(clone)
+
+    def _write_rows_retrying(self, alias: str, *, retry: bool) -> None:
+        """Write; a database that is briefly locked by another writer (SQLite) is retried a
+        few times (with jitter, so writers do not collide again) rather than losing rows."""
+        for pause in (*LOCKED_RETRY_PAUSES, None) if retry else (None,):
+            try:
+                self._write_rows(alias)
+                return
+            except OperationalError as error:
+                if pause is None or "locked" not in str(error):
+                    raise
+                time.sleep(pause * random.uniform(0.5, 1.5))
 
     def _write_rows(self, alias: str) -> None:
         from .models import MessageLog, RecipientLog, SessionLog
@@ -187,7 +203,8 @@ class AuditRecorder:
         }
         if self._session_pk is None:
             session = model.objects.using(alias).create(created=self.started, **values)
-            self._session_pk = session.pk
+            # Known only once the transaction commits (a retry must create it again).
+            transaction.on_commit(lambda: setattr(self, "_session_pk", session.pk), using=alias)
             return session
         model.objects.using(alias).filter(pk=self._session_pk).update(**values)
         return model(pk=self._session_pk)

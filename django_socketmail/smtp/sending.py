@@ -36,7 +36,7 @@ from .errors import (
     SenderRefused,
     SocketMailError,
 )
-from .protocol import SMTPConnection
+from .protocol import SessionState, SMTPConnection
 from .reply import Reply, SMTPStatus
 from .result import RecipientResult, RecipientStatus, SendResult
 
@@ -104,8 +104,8 @@ class Transaction:
         self.stage = Stage.SETTLED
         result = self.result
         mail = self.mail_reply
-        if mail is None or not mail.is_positive:
-            assert mail is not None
+        assert mail is not None, "a transaction settles only after MAIL was answered"
+        if not mail.is_positive:
             return SenderRefused(mail, self.sender), None
         accepted: list[RecipientResult] = []
         deferred: list[RecipientResult] = []
@@ -375,7 +375,7 @@ class TransactionRunner:
                 self._todo = deque(t for t in self._todo if t.result is not tx.result)
 
     def _reset_now(self) -> None:
-        if self._closing is None and self.wire.protocol.state.value == "ready":
+        if self._closing is None and self.wire.protocol.state is SessionState.READY:
             reply = self._command(Rset())
             if not reply.is_positive:
                 self.wire.close()
