@@ -51,10 +51,9 @@ class ReadOnlyAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
         return False
 
 
-class RecipientInline(admin.TabularInline):  # type: ignore[type-arg]
-    model = RecipientLog
-    fields = ("address", "status", "reply_code", "reply")
-    readonly_fields = fields
+class ReadOnlyInline(admin.TabularInline):  # type: ignore[type-arg]
+    """Rows shown under their parent, never added, changed or deleted there."""
+
     extra = 0
     can_delete = False
 
@@ -63,6 +62,12 @@ class RecipientInline(admin.TabularInline):  # type: ignore[type-arg]
 
     def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
+
+
+class RecipientInline(ReadOnlyInline):
+    model = RecipientLog
+    fields = ("address", "status", "reply_code", "reply")
+    readonly_fields = fields
 
 
 @admin.register(MessageLog)
@@ -132,19 +137,11 @@ class MessageLogAdmin(ReadOnlyAdmin):
         return render_transcript(obj.transcript)
 
 
-class MessageInline(admin.TabularInline):  # type: ignore[type-arg]
+class MessageInline(ReadOnlyInline):
     model = MessageLog
     fields = ("created", "status", "subject", "recipients", "queue_id", "final_reply")
     readonly_fields = fields
-    extra = 0
-    can_delete = False
     show_change_link = True
-
-    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
 
 
 @admin.register(SessionLog)

@@ -60,27 +60,25 @@ class Command(BaseCommand):
                 f"older than {cutoff:%Y-%m-%d %H:%M} ({days} days)."
             )
             return
-        deleted_sessions = deleted_rows = 0
-        while True:
-            with transaction.atomic(using=alias):
-                batch = list(
-                    sessions.order_by("pk").values_list("pk", flat=True)[: options["batch_size"]]
-                )
-                if not batch:
-                    break
-                rows, _ = SessionLog.objects.using(alias).filter(pk__in=batch).delete()
-            deleted_sessions += len(batch)
-            deleted_rows += rows
-        while True:
-            with transaction.atomic(using=alias):
-                batch = list(
-                    orphans.order_by("pk").values_list("pk", flat=True)[: options["batch_size"]]
-                )
-                if not batch:
-                    break
-                rows, _ = MessageLog.objects.using(alias).filter(pk__in=batch).delete()
-            deleted_rows += rows
+        batch_size = options["batch_size"]
+        deleted_sessions, session_rows = _delete_in_batches(SessionLog, sessions, alias, batch_size)
+        _, orphan_rows = _delete_in_batches(MessageLog, orphans, alias, batch_size)
+        deleted_rows = session_rows + orphan_rows
         self.stdout.write(
             f"Deleted {deleted_sessions} sessions ({deleted_rows} rows in all) older than "
             f"{cutoff:%Y-%m-%d %H:%M} ({days} days)."
         )
+
+
+def _delete_in_batches(model: Any, matching: Any, alias: str, batch_size: int) -> tuple[int, int]:
+    """Delete ``matching`` rows of ``model`` (and what cascades from them) in short
+    transactions of at most ``batch_size`` rows; return (rows matched, rows deleted)."""
+    matched = deleted = 0
+    while True:
+        with transaction.atomic(using=alias):
+            batch = list(matching.order_by("pk").values_list("pk", flat=True)[:batch_size])
+            if not batch:
+                return matched, deleted
+            rows, _ = model.objects.using(alias).filter(pk__in=batch).delete()
+        matched += len(batch)
+        deleted += rows
