@@ -23,7 +23,10 @@ def normalize_line_endings(message: bytes) -> bytes:
 
     An empty message stays empty.
     """
-    if b"\r" not in message:
+    crlf = message.count(b"\r\n")
+    if crlf == message.count(b"\n") == message.count(b"\r"):
+        normalized = message  # already canonical (Django's output): no copy
+    elif b"\r" not in message:
         normalized = message.replace(b"\n", b"\r\n")
     else:
         normalized = _LINE_ENDING.sub(b"\r\n", message)
