@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import email.policy
 import threading
+from collections import deque
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Final, cast
 
@@ -37,12 +38,22 @@ from .smtp.sending import Transaction
 from .smtp.transcript import Listener
 
 if TYPE_CHECKING:
+    from typing import TypeAlias
+
     from django.core.mail import EmailMessage
+
+    _Refusal: TypeAlias = tuple[EmailMessage, SendResult, bytes, BaseException]
+    """A message refused before sending (bad address, too large...): raised after the rest."""
 
 __all__ = ["RESULT_ATTRIBUTE", "EmailBackend"]
 
 RESULT_ATTRIBUTE: Final = "socketmail_result"
 """Name of the attribute set on each sent ``EmailMessage``: its :class:`SendResult`."""
+
+BATCH_BYTES: Final = 1 << 20
+"""Messages are serialized and pipelined in runs of about this many bytes..."""
+BATCH_MESSAGES: Final = 500
+"""...or this many messages, whichever comes first."""
 
 _HAS_MAILERS: Final = django.VERSION >= (6, 1)
 _MODERN_MESSAGE: Final = django.VERSION >= (6, 0)
@@ -241,7 +252,8 @@ class EmailBackend(BaseEmailBackend):
 
     def _send_all(self, messages: list[EmailMessage]) -> int:
         sent = 0
-        while messages:
+        queue = deque(messages)
+        while queue:
             # A session broken by an earlier batch: only never-started messages come back
             # here, and they go on a fresh connection.
             if (self.client is None or not self.client.is_connected) and self.open() is None:
@@ -249,31 +261,15 @@ class EmailBackend(BaseEmailBackend):
             client, recorder = self.client, self._recorder
             assert client is not None
             assert recorder is not None
-            batch: list[tuple[EmailMessage, Transaction, bytes]] = []
-            refused: tuple[EmailMessage, SendResult, bytes, BaseException] | None = None
-            for message in messages:
-                raw = serialize(message)
-                try:
-                    transaction = client.prepare(message.from_email, message.recipients(), raw)
-                except InvalidAddressError as invalid:
-                    # Refused before a byte was sent; still an attempt worth a row.
-                    result = SendResult(str(message.from_email), [], size=len(raw))
-                    result.fail(invalid)
-                    refused = (message, result, raw, invalid)
-                    break
-                unsendable = transaction.result.error
-                if unsendable is not None and not self.fail_silently:
-                    refused = (message, transaction.result, raw, unsendable)
-                    break
-                if unsendable is not None:
-                    self._record(recorder, message, transaction.result, raw)
-                    continue
-                batch.append((message, transaction, raw))
+            batch, refused = self._next_batch(queue, client, recorder)
             runner = client.send([t for _, t, _ in batch], stop_on_error=not self.fail_silently)
+            retry: list[EmailMessage] = []
             for message, transaction, raw in batch:
-                if id(transaction.result) not in runner.unattempted:
-                    self._record(recorder, message, transaction.result, raw)
-                    sent += transaction.result.status in (SendStatus.SENT, SendStatus.PARTIAL)
+                if id(transaction.result) in runner.unattempted:
+                    retry.append(message)
+                    continue
+                self._record(recorder, message, transaction.result, raw)
+                sent += transaction.result.status in (SendStatus.SENT, SendStatus.PARTIAL)
             if runner.errors and not client.is_connected:
                 self._session_error = runner.errors[-1][1]
             if runner.errors and not self.fail_silently:
@@ -281,11 +277,38 @@ class EmailBackend(BaseEmailBackend):
             if refused is not None:
                 self._record(recorder, *refused[:3])
                 raise refused[3]
-            retry = [m for m, t, _ in batch if id(t.result) in runner.unattempted]
-            if len(retry) == len(messages):
+            if batch and len(retry) == len(batch):
                 return sent  # no progress: the server takes nothing from us
-            messages = retry
+            queue.extendleft(reversed(retry))
         return sent
+
+    def _next_batch(
+        self, queue: deque[EmailMessage], client: SMTPClient, recorder: AuditRecorder
+    ) -> tuple[list[tuple[EmailMessage, Transaction, bytes]], _Refusal | None]:
+        """Take messages from ``queue`` for one pipelined run, up to :data:`BATCH_BYTES`
+        (so that large messages are held in memory one at a time) or
+        :data:`BATCH_MESSAGES`.  Stops at a message that must raise (returned apart)."""
+        batch: list[tuple[EmailMessage, Transaction, bytes]] = []
+        size = 0
+        while queue and size < BATCH_BYTES and len(batch) < BATCH_MESSAGES:
+            message = queue.popleft()
+            raw = serialize(message)
+            try:
+                transaction = client.prepare(message.from_email, message.recipients(), raw)
+            except InvalidAddressError as invalid:
+                # Refused before a byte was sent; still an attempt worth a row.
+                result = SendResult(str(message.from_email), [], size=len(raw))
+                result.fail(invalid)
+                return batch, (message, result, raw, invalid)
+            unsendable = transaction.result.error
+            if unsendable is not None and not self.fail_silently:
+                return batch, (message, transaction.result, raw, unsendable)
+            if unsendable is not None:
+                self._record(recorder, message, transaction.result, raw)
+                continue
+            batch.append((message, transaction, raw))
+            size += len(raw)
+        return batch, None
 
     def _record(
         self, recorder: AuditRecorder, message: EmailMessage, result: SendResult, raw: bytes
