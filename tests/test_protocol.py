@@ -92,7 +92,7 @@ def test_pipelined_transaction_bytes_and_reply_pairing() -> None:
     assert conn.state is SessionState.AWAITING_CONTENT
     with pytest.raises(LocalProtocolError, match="awaits message content"):
         conn.send(Rset())
-    payload = conn.send_content(b"Subject: t\r\n\r\n.hidden\r\n")
+    payload = b"".join(conn.send_content(b"Subject: t\r\n\r\n.hidden\r\n"))
     assert payload == b"Subject: t\r\n\r\n..hidden\r\n.\r\n"
     # Content may open a group: the next envelope follows without waiting.
     assert conn.send(MailFrom("a@x")) == b"MAIL FROM:<a@x>\r\n"

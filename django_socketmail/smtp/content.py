@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from typing import Final
 
-__all__ = ["dot_stuff", "has_8bit", "normalize_line_endings", "terminate_data"]
+__all__ = ["data_parts", "dot_stuff", "has_8bit", "normalize_line_endings", "terminate_data"]
 
 _LINE_ENDING: Final = re.compile(rb"\r\n|\r|\n")
 
@@ -43,9 +43,16 @@ def dot_stuff(normalized: bytes) -> bytes:
     return stuffed
 
 
+def data_parts(normalized: bytes) -> tuple[bytes, bytes]:
+    """The DATA payload for CRLF-normalized content as two parts to write one after the
+    other: the stuffed content (the same object when no line starts with a dot) and
+    ``.CRLF``.  No copy of a large message is made to glue them."""
+    return dot_stuff(normalized), b".\r\n"
+
+
 def terminate_data(normalized: bytes) -> bytes:
-    """The full DATA payload for CRLF-normalized content: stuffed, then ``.CRLF``."""
-    return dot_stuff(normalized) + b".\r\n"
+    """The full DATA payload for CRLF-normalized content, as one byte string."""
+    return b"".join(data_parts(normalized))
 
 
 def has_8bit(message: bytes) -> bool:

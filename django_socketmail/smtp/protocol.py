@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Final
 
 from .commands import Bdat, Command, Data, Ehlo, Helo, Quit, StartTLS
-from .content import terminate_data
+from .content import data_parts
 from .errors import LocalProtocolError, RemoteProtocolError
 from .extensions import Extensions
 from .reply import Reply, ReplyParser, SMTPStatus
@@ -131,13 +131,14 @@ class SMTPConnection:
         self._pending.append(command)
         return data
 
-    def send_content(self, normalized: bytes) -> bytes:
-        """Return the DATA payload for CRLF-normalized ``normalized`` (stuffed, with the final
-        dot) and queue its final reply.  Only allowed right after a 354."""
+    def send_content(self, normalized: bytes) -> tuple[bytes, bytes]:
+        """Return the DATA payload for CRLF-normalized ``normalized`` as two parts to write
+        in order (the stuffed content, then the final dot) and queue its final reply.  Only
+        allowed right after a 354."""
         if self.state is not SessionState.AWAITING_CONTENT:
             raise LocalProtocolError("message content may only follow a 354 reply to DATA")
         lines = normalized.count(b"\n")
-        payload = terminate_data(normalized)
+        payload = data_parts(normalized)
         self.transcript.content(len(normalized), lines)
         self.transcript.client(".")
         self._pending.append(MessageContent(len(normalized), lines))

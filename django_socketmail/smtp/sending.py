@@ -237,7 +237,7 @@ class TransactionRunner:
                 if tx.recipients_accepted:
                     tx.data_reply = self._command(Data())
                     if tx.data_reply.code == SMTPStatus.start_input:
-                        self._parts.append(self.wire.protocol.send_content(tx.content))
+                        self._parts.extend(self.wire.protocol.send_content(tx.content))
                         self._marks.append((len(self._parts), tx))
                         tx.stage = Stage.CONTENT_QUEUED
                         self._flush()
@@ -334,11 +334,11 @@ class TransactionRunner:
                     self._in_flight.remove(tx)
                     self._todo.appendleft(tx)
                     return
-                self._parts.append(protocol.send_content(b""))
+                self._parts.extend(protocol.send_content(b""))
                 self._expect.append((_Kind.ABORT, None))
                 self._finish(tx, reset=True)
                 return
-            self._parts.append(protocol.send_content(tx.content))
+            self._parts.extend(protocol.send_content(tx.content))
             self._marks.append((len(self._parts), tx))
             tx.stage = Stage.CONTENT_QUEUED
             self._expect.append((_Kind.FINAL, tx))
