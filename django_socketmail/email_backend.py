@@ -25,7 +25,7 @@ from django.core.mail.backends.base import BaseEmailBackend
 
 from .audit import AuditRecorder
 from .conf import OPTIONS, BackendOptions, resolve_options
-from .pool import POOL, PooledSession, PoolLimits
+from .pool import POOL, PooledSession, PoolLimits, retire
 from .smtp import (
     InvalidAddressError,
     SendResult,
@@ -168,8 +168,12 @@ class EmailBackend(BaseEmailBackend):
                 return False
             self._discard_client()
             if self.options.pool:
-                pooled = POOL.acquire(self.options.client_config(), self._limits, _retire)
+                pooled = POOL.acquire(self.options.client_config(), self._limits, retire)
                 if pooled is not None:
+                    # The session is shared by configuration; the audit log follows this
+                    # borrower's own options (on or off, database, body capture).
+                    pooled.recorder.options = self.options
+                    pooled.recorder.mailer = self.mailer_alias
                     self.client, self._recorder, self._pooled = (
                         pooled.client,
                         pooled.recorder,
@@ -204,7 +208,7 @@ class EmailBackend(BaseEmailBackend):
             if pooled is not None and self.client is pooled.client:
                 self.client, self._recorder = None, None
                 pooled.recorder.flush()
-                POOL.release(pooled, self._limits, _retire)
+                POOL.release(pooled, self._limits, retire)
                 return
             client = self.client
             if client is not None:
@@ -323,13 +327,6 @@ class EmailBackend(BaseEmailBackend):
             max_age=self.options.pool_max_age,
             max_messages=self.options.pool_max_messages,
         )
-
-
-def _retire(session: PooledSession) -> None:
-    """End a pooled session for good: QUIT, and its audit record."""
-    session.client.quit()
-    session.recorder.session_ended(None)
-    session.recorder.flush()
 
 
 def serialize(message: EmailMessage) -> bytes:

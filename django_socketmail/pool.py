@@ -17,6 +17,7 @@ that one physical connection stays one ``SessionLog`` row however many borrowers
 
 from __future__ import annotations
 
+import atexit
 import os
 import threading
 import time
@@ -27,7 +28,7 @@ from typing import Final
 from .audit import AuditRecorder
 from .smtp import ClientConfig, SMTPClient
 
-__all__ = ["POOL", "ConnectionPool", "PoolLimits", "PooledSession"]
+__all__ = ["POOL", "ConnectionPool", "PoolLimits", "PooledSession", "close_pool", "retire"]
 
 MAX_IDLE_PER_KEY: Final = 8
 
@@ -134,3 +135,19 @@ class ConnectionPool:
 
 POOL: Final = ConnectionPool()
 """The process-wide pool used by backends with ``pool=True``."""
+
+
+def retire(session: PooledSession) -> None:
+    """End a pooled session for good: QUIT, then its audit record."""
+    session.client.quit()
+    session.recorder.session_ended(None)
+    session.recorder.flush()
+
+
+def close_pool() -> None:
+    """QUIT every idle pooled session (and write its audit record).  Runs at interpreter
+    exit; call it yourself to drop warm connections earlier (tests, worker shutdown)."""
+    POOL.clear(retire)
+
+
+atexit.register(close_pool)

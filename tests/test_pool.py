@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from django_socketmail.email_backend import EmailBackend, _retire
+from django_socketmail.email_backend import EmailBackend
 from django_socketmail.models import MessageLog, SessionLog
-from django_socketmail.pool import POOL
+from django_socketmail.pool import POOL, close_pool
 from django_socketmail.smtp import SendStatus
 
 from .hostile.server import HostileSMTPServer, close, reply, standard_session
@@ -19,9 +19,9 @@ from .test_backend import message
 
 @pytest.fixture(autouse=True)
 def empty_pool() -> Iterator[None]:
-    POOL.clear(_retire)
+    close_pool()
     yield
-    POOL.clear(_retire)
+    close_pool()
 
 
 def pooled(server: HostileSMTPServer, **options: Any) -> EmailBackend:
@@ -43,7 +43,7 @@ def test_separate_calls_share_one_connection() -> None:
         assert len(server.connections) == 1
         assert len(server.messages) == 3
         assert POOL.idle_count() == 1
-    POOL.clear(_retire)
+    close_pool()
 
 
 def test_a_different_configuration_gets_its_own_connection() -> None:
@@ -105,9 +105,19 @@ def test_one_session_row_per_physical_connection() -> None:
             assert pooled(server, audit_log=True).send_messages([message()]) == 1
         assert MessageLog.objects.count() == 3
         assert SessionLog.objects.count() == 1
-        POOL.clear(_retire)
+        close_pool()
         session = SessionLog.objects.get()
         assert session.ended is not None
         assert session.messages_sent == 3
         assert "C: QUIT" in session.transcript
         assert os.getpid() == POOL._pid
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_audit_log_follows_each_borrowers_options() -> None:
+    with HostileSMTPServer(standard_session()) as server:
+        assert pooled(server, audit_log=False).send_messages([message()]) == 1
+        assert pooled(server, audit_log=True).send_messages([message()]) == 1
+        assert pooled(server, audit_log=False).send_messages([message()]) == 1
+        assert len(server.connections) == 1
+        assert MessageLog.objects.count() == 1

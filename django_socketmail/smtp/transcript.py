@@ -21,7 +21,9 @@ __all__ = ["Direction", "Transcript", "TranscriptLine"]
 
 logger = logging.getLogger("django_socketmail.smtp")
 
-MAX_TRANSCRIPT_LINES: Final = 20_000
+MAX_TRANSCRIPT_LINES: Final = 2_000
+"""Lines kept for :meth:`Transcript.render`: a long or pooled session keeps its first ones
+(connection, TLS, AUTH) and counts the rest; each message's own lines are on its result."""
 MAX_TRANSCRIPT_LINE_CHARS: Final = 1000
 
 
