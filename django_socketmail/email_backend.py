@@ -283,6 +283,7 @@ class EmailBackend(BaseEmailBackend):
                 raise refused[3]
             if batch and len(retry) == len(batch):
                 return sent  # no progress: the server takes nothing from us
+            del batch  # hold no sent message's bytes while the next run is serialized
             queue.extendleft(reversed(retry))
         return sent
 
