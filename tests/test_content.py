@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 
 from django_socketmail.smtp.content import (
+    data_parts,
     dot_stuff,
     has_8bit,
     normalize_line_endings,
+    split_canonical,
     terminate_data,
 )
 
@@ -47,3 +49,21 @@ def test_smuggling_attempt_is_defused() -> None:
 
 def test_has_8bit() -> None:
     assert has_8bit("ä".encode()) and not has_8bit(b"plain")
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b"a\r\nb\r\n", b"a\r\nb", b"", b"a\nb", b"a\rb\r\n", b"x", b".\r\n.", b"a\r\n\r"],
+)
+def test_split_canonical_joins_to_the_normalized_message(raw: bytes) -> None:
+    content, tail = split_canonical(raw)
+    assert content + tail == normalize_line_endings(raw)
+    assert tail in (b"", b"\r\n")
+
+
+def test_split_canonical_copies_nothing_for_crlf_messages() -> None:
+    message = b"Subject: x\r\n\r\nno final newline"
+    content, tail = split_canonical(message)
+    assert content is message
+    assert tail == b"\r\n"
+    assert b"".join(data_parts(content, tail)) == terminate_data(normalize_line_endings(message))

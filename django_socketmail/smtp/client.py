@@ -46,7 +46,7 @@ from .commands import (
     Quit,
     StartTLS,
 )
-from .content import has_8bit, normalize_line_endings
+from .content import has_8bit, split_canonical
 from .errors import (
     AuthenticationError,
     CleartextAuthError,
@@ -375,17 +375,19 @@ class SMTPClient:
         result = SendResult(
             sender.addr_spec, [RecipientResult(r.addr_spec) for r in dict.fromkeys(envelope)]
         )
-        content = normalize_line_endings(message)
-        result.size = len(content)
+        content, tail = split_canonical(message)
+        size = len(content) + len(tail)
+        result.size = size
+        lines = content.count(b"\n") + len(tail) // 2
         transaction = Transaction(
-            result, sender.addr_spec, (), list(result.recipients), content, content.count(b"\n")
+            result, sender.addr_spec, (), list(result.recipients), content, lines, tail
         )
         try:
-            self._check_sendable(sender, envelope, content)
+            self._check_sendable(sender, envelope, size)
         except SocketMailError as error:
             result.fail(error)
             return transaction
-        transaction.parameters = self._mail_parameters(sender, envelope, content)
+        transaction.parameters = self._mail_parameters(sender, envelope, content, size)
         return transaction
 
     def send(
@@ -438,7 +440,7 @@ class SMTPClient:
         return self.config.chunking and "CHUNKING" in self.protocol.extensions
 
     def _check_sendable(
-        self, sender: EnvelopeAddress, envelope: list[EnvelopeAddress], content: bytes
+        self, sender: EnvelopeAddress, envelope: list[EnvelopeAddress], size: int
     ) -> None:
         extensions = self.protocol.extensions
         if "SMTPUTF8" not in extensions:
@@ -449,16 +451,16 @@ class SMTPClient:
                         "offer SMTPUTF8"
                     )
         limit = extensions.size_limit
-        if limit is not None and len(content) > limit:
-            raise MessageTooLargeError(len(content), limit)
+        if limit is not None and size > limit:
+            raise MessageTooLargeError(size, limit)
 
     def _mail_parameters(
-        self, sender: EnvelopeAddress, envelope: list[EnvelopeAddress], content: bytes
+        self, sender: EnvelopeAddress, envelope: list[EnvelopeAddress], content: bytes, size: int
     ) -> tuple[str, ...]:
         extensions = self.protocol.extensions
         parameters = []
         if "SIZE" in extensions:
-            parameters.append(f"SIZE={len(content)}")
+            parameters.append(f"SIZE={size}")
         if "8BITMIME" in extensions and has_8bit(content):
             parameters.append("BODY=8BITMIME")
         if any(a.needs_smtputf8 for a in (sender, *envelope)):

@@ -13,7 +13,14 @@ from __future__ import annotations
 import re
 from typing import Final
 
-__all__ = ["data_parts", "dot_stuff", "has_8bit", "normalize_line_endings", "terminate_data"]
+__all__ = [
+    "data_parts",
+    "dot_stuff",
+    "has_8bit",
+    "normalize_line_endings",
+    "split_canonical",
+    "terminate_data",
+]
 
 _LINE_ENDING: Final = re.compile(rb"\r\n|\r|\n")
 
@@ -35,6 +42,17 @@ def normalize_line_endings(message: bytes) -> bytes:
     return normalized
 
 
+def split_canonical(message: bytes) -> tuple[bytes, bytes]:
+    """``message`` as (content, tail) whose concatenation is
+    ``normalize_line_endings(message)``, copying nothing when the message is already in CRLF
+    form: a missing final CRLF comes back as the tail (written as a part of its own)."""
+    crlf = message.count(b"\r\n")
+    if crlf == message.count(b"\n") == message.count(b"\r"):
+        missing = bool(message) and not message.endswith(b"\r\n")
+        return message, b"\r\n" if missing else b""
+    return normalize_line_endings(message), b""
+
+
 def dot_stuff(normalized: bytes) -> bytes:
     """Double the leading dot of every line of CRLF-normalized content (RFC 5321 §4.5.2)."""
     stuffed = normalized.replace(b"\r\n.", b"\r\n..")
@@ -43,11 +61,12 @@ def dot_stuff(normalized: bytes) -> bytes:
     return stuffed
 
 
-def data_parts(normalized: bytes) -> tuple[bytes, bytes]:
-    """The DATA payload for CRLF-normalized content as two parts to write one after the
-    other: the stuffed content (the same object when no line starts with a dot) and
-    ``.CRLF``.  No copy of a large message is made to glue them."""
-    return dot_stuff(normalized), b".\r\n"
+def data_parts(normalized: bytes, tail: bytes = b"") -> tuple[bytes, bytes]:
+    """The DATA payload for CRLF-normalized content (``normalized + tail``, see
+    :func:`split_canonical`) as two parts to write one after the other: the stuffed content
+    (the same object when no line starts with a dot) and ``tail`` with ``.CRLF``.  No copy
+    of a large message is made to glue them."""
+    return dot_stuff(normalized), tail + b".\r\n"
 
 
 def terminate_data(normalized: bytes) -> bytes:

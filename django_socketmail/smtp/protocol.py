@@ -131,17 +131,18 @@ class SMTPConnection:
         self._pending.append(command)
         return data
 
-    def send_content(self, normalized: bytes) -> tuple[bytes, bytes]:
+    def send_content(self, normalized: bytes, tail: bytes = b"") -> tuple[bytes, bytes]:
         """Return the DATA payload for CRLF-normalized ``normalized`` as two parts to write
         in order (the stuffed content, then the final dot) and queue its final reply.  Only
         allowed right after a 354."""
         if self.state is not SessionState.AWAITING_CONTENT:
             raise LocalProtocolError("message content may only follow a 354 reply to DATA")
-        lines = normalized.count(b"\n")
-        payload = data_parts(normalized)
-        self.transcript.content(len(normalized), lines)
+        lines = normalized.count(b"\n") + tail.count(b"\n")
+        size = len(normalized) + len(tail)
+        payload = data_parts(normalized, tail)
+        self.transcript.content(size, lines)
         self.transcript.client(".")
-        self._pending.append(MessageContent(len(normalized), lines))
+        self._pending.append(MessageContent(size, lines))
         self.state = SessionState.READY
         return payload
 

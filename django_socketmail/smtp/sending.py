@@ -84,11 +84,18 @@ class Transaction:
     recipients: list[RecipientResult]
     content: bytes
     lines: int = 0
+    tail: bytes = b""
+    """A final CRLF the message lacked, sent after ``content`` (see ``split_canonical``)."""
     stage: Stage = Stage.QUEUED
     mail_reply: Reply | None = None
     rcpt_replies: list[Reply] = field(default_factory=list)
     data_reply: Reply | None = None
     final_reply: Reply | None = None
+
+    @property
+    def size(self) -> int:
+        """Octets of the message as sent (before dot-stuffing)."""
+        return len(self.content) + len(self.tail)
 
     @property
     def recipients_accepted(self) -> bool:
@@ -127,7 +134,7 @@ class Transaction:
             for recipient in deferred:
                 recipient.status = RecipientStatus.PENDING
             follow_up = Transaction(
-                result, self.sender, self.parameters, deferred, self.content, self.lines
+                result, self.sender, self.parameters, deferred, self.content, self.lines, self.tail
             )
         data = self.data_reply
         if data is not None and data.code != SMTPStatus.start_input:
@@ -237,7 +244,7 @@ class TransactionRunner:
                 if tx.recipients_accepted:
                     tx.data_reply = self._command(Data())
                     if tx.data_reply.code == SMTPStatus.start_input:
-                        self._parts.extend(self.wire.protocol.send_content(tx.content))
+                        self._parts.extend(self.wire.protocol.send_content(tx.content, tx.tail))
                         self._marks.append((len(self._parts), tx))
                         tx.stage = Stage.CONTENT_QUEUED
                         self._flush()
@@ -276,7 +283,7 @@ class TransactionRunner:
     def _refill(self) -> None:
         """Start transactions while the window allows (DATA: one envelope at a time)."""
         if self.chunking:
-            in_flight_bytes = sum(len(tx.content) for tx in self._in_flight)
+            in_flight_bytes = sum(tx.size for tx in self._in_flight)
             while (
                 self._todo
                 and not self._halted
@@ -286,7 +293,7 @@ class TransactionRunner:
             ):
                 tx = self._todo.popleft()
                 self._start(tx)
-                in_flight_bytes += len(tx.content)
+                in_flight_bytes += tx.size
         elif not self._expect and self._todo and not self._halted and self._closing is None:
             self._start(self._todo.popleft())
         self._flush()
@@ -311,8 +318,10 @@ class TransactionRunner:
             self._parts.append(protocol.send(RcptTo(recipient.address)))
             self._expect.append((_Kind.RCPT, tx))
         if self.chunking:
-            self._parts.append(protocol.send_bdat(len(tx.content), lines=tx.lines))
+            self._parts.append(protocol.send_bdat(tx.size, lines=tx.lines))
             self._parts.append(tx.content)
+            if tx.tail:
+                self._parts.append(tx.tail)
             self._marks.append((len(self._parts), tx))
             tx.stage = Stage.CONTENT_QUEUED
             self._expect.append((_Kind.FINAL, tx))
@@ -338,7 +347,7 @@ class TransactionRunner:
                 self._expect.append((_Kind.ABORT, None))
                 self._finish(tx, reset=True)
                 return
-            self._parts.extend(protocol.send_content(tx.content))
+            self._parts.extend(protocol.send_content(tx.content, tx.tail))
             self._marks.append((len(self._parts), tx))
             tx.stage = Stage.CONTENT_QUEUED
             self._expect.append((_Kind.FINAL, tx))
