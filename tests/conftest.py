@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -65,6 +67,18 @@ def implicit_server(_implicit_server: LocalSMTPServer) -> LocalSMTPServer:
 def plain_server(_plain_server: LocalSMTPServer) -> LocalSMTPServer:
     _plain_server.messages.clear()
     return _plain_server
+
+
+@pytest.fixture
+def no_leaks() -> Iterator[None]:
+    """The test ends with the threads and file descriptors it started with."""
+    fd_dir = "/proc/self/fd"
+    fds = len(os.listdir(fd_dir)) if os.path.isdir(fd_dir) else None
+    threads = threading.active_count()
+    yield
+    assert threading.active_count() == threads
+    if fds is not None:
+        assert len(os.listdir(fd_dir)) == fds
 
 
 BackendFactory = Callable[..., EmailBackend]

@@ -42,7 +42,6 @@ from .commands import (
     Command,
     Ehlo,
     Helo,
-    Noop,
     Quit,
     StartTLS,
 )
@@ -165,9 +164,10 @@ class SMTPClient:
     """One SMTP session.  Not thread-safe: the caller serializes use (the backend's lock).
 
     :meth:`connect` opens and fully sets up the session (TLS, AUTH) or raises having closed
-    everything; :meth:`send_mail` sends one message and returns its :class:`SendResult`
-    (errors about that message are on the result, not raised); :meth:`quit` ends politely
-    and :meth:`close` ends at once.  Both are safe to call in any state.
+    everything; :meth:`prepare` checks one message against the session; :meth:`send` sends
+    prepared messages, pipelined, each ending with its :class:`SendResult` (errors about a
+    message are on its result, not raised); :meth:`quit` ends politely and :meth:`close`
+    ends at once.  Both are safe to call in any state.
     """
 
     def __init__(self, config: ClientConfig, *, transcript: Transcript | None = None) -> None:
@@ -420,22 +420,6 @@ class SMTPClient:
             self.close()
         return runner
 
-    def send_mail(self, mail_from: str, recipients: Sequence[str], message: bytes) -> SendResult:
-        """Send one message (any line endings) and return its result.
-
-        Addresses are prepared first (raising :class:`InvalidAddressError` before any byte
-        is sent).  Every other failure is recorded on the result (``result.error``), with
-        each recipient's fate.  Recipients refused with ``452`` are retried in a new
-        transaction as long as each transaction delivers to someone (RFC 5321
-        §4.5.3.1.10).
-        """
-        started = time.monotonic()
-        transaction = self.prepare(mail_from, recipients, message)
-        if transaction.result.error is None:
-            self.send([transaction])
-        transaction.result.elapsed = time.monotonic() - started
-        return transaction.result
-
     def _chunking(self) -> bool:
         return self.config.chunking and "CHUNKING" in self.protocol.extensions
 
@@ -477,10 +461,6 @@ class SMTPClient:
             return True
         readable, _, _ = select.select([sock], [], [], 0)
         return bool(readable)
-
-    def noop(self) -> Reply:
-        """Send NOOP and return the reply (a liveness check costing one round trip)."""
-        return self._command(Noop())
 
     # -- closing -----------------------------------------------------------------------
 
