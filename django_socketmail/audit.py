@@ -24,9 +24,10 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from django.db import OperationalError, connections, router, transaction
 from django.utils import timezone
@@ -49,6 +50,8 @@ LOCKED_RETRY_PAUSES = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5)
 """Pauses between tries of a write that found the database locked (about 1.5 s in all)."""
 MAX_SESSION_LINES = 2000
 """The session's own transcript (outside messages) keeps its latest lines only."""
+_HEAD_BYTES: Final = 64 * 1024
+"""The Message-ID header is looked for in this many leading bytes of the message."""
 
 
 def render_lines(lines: list[TranscriptLine]) -> str:
@@ -81,7 +84,7 @@ class AuditRecorder:
     _error: BaseException | None = None
 
     def message_finished(
-        self, message: EmailMessage | None, result: SendResult, raw: bytes
+        self, message: EmailMessage | None, result: SendResult, raw: Sequence[bytes]
     ) -> None:
         """Record one attempt, with its own part of the transcript (``result.transcript``)."""
         body_bytes = self.options.audit_body_bytes
@@ -89,10 +92,10 @@ class AuditRecorder:
             _MessageRecord(
                 created=timezone.now() - timedelta(seconds=result.elapsed),
                 result=result,
-                message_id=_header(message, "Message-ID", raw),
+                message_id=_header(message, "Message-ID", _leading(raw, _HEAD_BYTES)),
                 subject=str(message.subject) if message is not None else "",
                 transcript=render_lines(result.transcript),
-                body=raw[:body_bytes].decode("utf-8", "replace") if body_bytes else "",
+                body=_leading(raw, body_bytes).decode("utf-8", "replace") if body_bytes else "",
             )
         )
 
@@ -312,6 +315,17 @@ def _transient(result: SendResult) -> bool | None:
     if isinstance(transient, bool):
         return transient
     return None
+
+
+def _leading(parts: Sequence[bytes], limit: int) -> bytes:
+    """The first ``limit`` bytes of the message sent as ``parts``."""
+    taken: list[bytes] = []
+    for part in parts:
+        if limit <= 0:
+            break
+        taken.append(part[:limit])
+        limit -= len(taken[-1])
+    return b"".join(taken)
 
 
 def _header(message: EmailMessage | None, name: str, raw: bytes) -> str:

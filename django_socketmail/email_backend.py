@@ -13,11 +13,10 @@ After sending, every ``EmailMessage`` carries a
 
 from __future__ import annotations
 
-import email.policy
 import threading
 from collections import deque
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Final, cast
+from typing import TYPE_CHECKING, Any, Final
 
 import django
 from django.core.exceptions import ImproperlyConfigured
@@ -26,6 +25,7 @@ from django.core.mail.backends.base import BaseEmailBackend
 from .audit import AuditRecorder
 from .conf import OPTIONS, BackendOptions, resolve_options
 from .pool import POOL, PooledSession, PoolLimits, retire
+from .serializer import serialize, serialize_parts
 from .smtp import (
     InvalidAddressError,
     SendResult,
@@ -42,10 +42,10 @@ if TYPE_CHECKING:
 
     from django.core.mail import EmailMessage
 
-    _Refusal: TypeAlias = tuple[EmailMessage, SendResult, bytes, BaseException]
+    _Refusal: TypeAlias = tuple[EmailMessage, SendResult, list[bytes], BaseException]
     """A message refused before sending (bad address, too large...): raised after the rest."""
 
-__all__ = ["RESULT_ATTRIBUTE", "EmailBackend"]
+__all__ = ["RESULT_ATTRIBUTE", "EmailBackend", "serialize"]
 
 RESULT_ATTRIBUTE: Final = "socketmail_result"
 """Name of the attribute set on each sent ``EmailMessage``: its :class:`SendResult`."""
@@ -56,7 +56,6 @@ BATCH_MESSAGES: Final = 500
 """...or this many messages, whichever comes first."""
 
 _HAS_MAILERS: Final = django.VERSION >= (6, 1)
-_MODERN_MESSAGE: Final = django.VERSION >= (6, 0)
 
 
 class EmailBackend(BaseEmailBackend):
@@ -267,13 +266,8 @@ class EmailBackend(BaseEmailBackend):
             assert recorder is not None
             batch, refused = self._next_batch(queue, client, recorder)
             runner = client.send([t for _, t, _ in batch], stop_on_error=not self.fail_silently)
-            retry: list[EmailMessage] = []
-            for message, transaction, raw in batch:
-                if id(transaction.result) in runner.unattempted:
-                    retry.append(message)
-                    continue
-                self._record(recorder, message, transaction.result, raw)
-                sent += transaction.result.status in (SendStatus.SENT, SendStatus.PARTIAL)
+            accepted, retry = self._settle_batch(batch, runner.unattempted, recorder)
+            sent += accepted
             if runner.errors and not client.is_connected:
                 self._session_error = runner.errors[-1][1]
             if runner.errors and not self.fail_silently:
@@ -283,26 +277,44 @@ class EmailBackend(BaseEmailBackend):
                 raise refused[3]
             if batch and len(retry) == len(batch):
                 return sent  # no progress: the server takes nothing from us
-            del batch  # hold no sent message's bytes while the next run is serialized
+            del batch, runner  # hold no sent message's bytes while the next run is serialized
             queue.extendleft(reversed(retry))
         return sent
 
+    def _settle_batch(
+        self,
+        batch: list[tuple[EmailMessage, Transaction, list[bytes]]],
+        unattempted: set[int],
+        recorder: AuditRecorder,
+    ) -> tuple[int, list[EmailMessage]]:
+        """Record every attempted message of a run; return how many the server accepted
+        and the messages never attempted."""
+        accepted = 0
+        retry: list[EmailMessage] = []
+        for message, transaction, raw in batch:
+            if id(transaction.result) in unattempted:
+                retry.append(message)
+                continue
+            self._record(recorder, message, transaction.result, raw)
+            accepted += transaction.result.status in (SendStatus.SENT, SendStatus.PARTIAL)
+        return accepted, retry
+
     def _next_batch(
         self, queue: deque[EmailMessage], client: SMTPClient, recorder: AuditRecorder
-    ) -> tuple[list[tuple[EmailMessage, Transaction, bytes]], _Refusal | None]:
+    ) -> tuple[list[tuple[EmailMessage, Transaction, list[bytes]]], _Refusal | None]:
         """Take messages from ``queue`` for one pipelined run, up to :data:`BATCH_BYTES`
         (so that large messages are held in memory one at a time) or
         :data:`BATCH_MESSAGES`.  Stops at a message that must raise (returned apart)."""
-        batch: list[tuple[EmailMessage, Transaction, bytes]] = []
+        batch: list[tuple[EmailMessage, Transaction, list[bytes]]] = []
         size = 0
         while queue and size < BATCH_BYTES and len(batch) < BATCH_MESSAGES:
             message = queue.popleft()
-            raw = serialize(message)
+            raw = serialize_parts(message)
             try:
                 transaction = client.prepare(message.from_email, message.recipients(), raw)
             except InvalidAddressError as invalid:
                 # Refused before a byte was sent; still an attempt worth a row.
-                result = SendResult(str(message.from_email), [], size=len(raw))
+                result = SendResult(str(message.from_email), [], size=sum(map(len, raw)))
                 result.fail(invalid)
                 return batch, (message, result, raw, invalid)
             unsendable = transaction.result.error
@@ -312,11 +324,15 @@ class EmailBackend(BaseEmailBackend):
                 self._record(recorder, message, transaction.result, raw)
                 continue
             batch.append((message, transaction, raw))
-            size += len(raw)
+            size += transaction.size
         return batch, None
 
     def _record(
-        self, recorder: AuditRecorder, message: EmailMessage, result: SendResult, raw: bytes
+        self,
+        recorder: AuditRecorder,
+        message: EmailMessage,
+        result: SendResult,
+        raw: list[bytes],
     ) -> None:
         setattr(message, RESULT_ATTRIBUTE, result)
         recorder.message_finished(message, result, raw)
@@ -328,11 +344,3 @@ class EmailBackend(BaseEmailBackend):
             max_age=self.options.pool_max_age,
             max_messages=self.options.pool_max_messages,
         )
-
-
-def serialize(message: EmailMessage) -> bytes:
-    """The message as bytes with CRLF line endings, as Django's own SMTP backend makes it."""
-    build: Any = message.message
-    if _MODERN_MESSAGE:
-        return cast(bytes, build(policy=email.policy.SMTP).as_bytes())
-    return cast(bytes, build().as_bytes(linesep="\r\n"))

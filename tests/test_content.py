@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from django_socketmail.smtp.content import (
     data_parts,
@@ -10,6 +12,7 @@ from django_socketmail.smtp.content import (
     has_8bit,
     normalize_line_endings,
     split_canonical,
+    stuffed_parts,
     terminate_data,
 )
 
@@ -57,13 +60,62 @@ def test_has_8bit() -> None:
 )
 def test_split_canonical_joins_to_the_normalized_message(raw: bytes) -> None:
     content, tail = split_canonical(raw)
-    assert content + tail == normalize_line_endings(raw)
+    assert b"".join(content) + tail == normalize_line_endings(raw)
     assert tail in (b"", b"\r\n")
 
 
 def test_split_canonical_copies_nothing_for_crlf_messages() -> None:
     message = b"Subject: x\r\n\r\nno final newline"
     content, tail = split_canonical(message)
-    assert content is message
+    assert content == (message,)
+    assert content[0] is message
     assert tail == b"\r\n"
     assert b"".join(data_parts(content, tail)) == terminate_data(normalize_line_endings(message))
+
+
+def test_canonical_parts_are_kept_as_they_are() -> None:
+    parts = [b"Subject: x\r\n\r\n", b"", b"line\r\n", b".dot\r\nend"]
+    content, tail = split_canonical(parts)
+    assert content == (parts[0], parts[2], parts[3])
+    kept = (parts[0], parts[2], parts[3])
+    assert all(a is b for a, b in zip(content, kept, strict=True))
+    assert tail == b"\r\n"
+
+
+@pytest.mark.parametrize(
+    "parts",
+    [
+        [b"a\r", b"\nb\r\n"],  # a CRLF split between two parts
+        [b"a\n", b"b\r\n"],  # a bare LF in one part
+        [b"a\r\n", b"\rb"],  # a bare CR at the start of one
+    ],
+)
+def test_parts_not_in_crlf_form_are_normalized_together(parts: list[bytes]) -> None:
+    content, tail = split_canonical(parts)
+    assert content == (normalize_line_endings(b"".join(parts)),)
+    assert tail == b""
+
+
+def test_dot_stuffing_across_parts_copies_no_part() -> None:
+    head, body, rest = b"Subject: x\r\n\r\n", b".starts a line\r\nmid", b".dle\r\n"
+    stuffed = stuffed_parts([head, body, rest])
+    # A part starting a line with a dot gets a "." part before it; one that continues a
+    # line does not; parts without an inner dot line are the very same objects.
+    assert stuffed == [head, b".", body, rest]
+    assert stuffed[0] is head and stuffed[2] is body and stuffed[3] is rest
+    assert b"".join(stuffed) == dot_stuff(head + body + rest)
+    assert data_parts([head, body, rest])[-1] == b".\r\n"
+
+
+def test_has_8bit_looks_at_every_part() -> None:
+    assert has_8bit([b"plain", "ä".encode()]) and not has_8bit([b"plain", b"text"])
+
+
+_PIECES = st.lists(st.sampled_from([b"a", b"b", b".", b"\r", b"\n", b"\xe4"]), max_size=12)
+
+
+@given(st.lists(_PIECES.map(b"".join), max_size=6))
+def test_parts_give_the_bytes_of_the_joined_message(parts: list[bytes]) -> None:
+    content, tail = split_canonical(parts)
+    joined = b"".join(parts)
+    assert b"".join(data_parts(content, tail)) == terminate_data(normalize_line_endings(joined))

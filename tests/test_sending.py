@@ -138,7 +138,8 @@ def transactions(count: int, recipients: int = 1) -> list[Transaction]:
     for n in range(1, count + 1):
         rcpts = [RecipientResult(f"r{n}-{i}@x") for i in range(recipients)]
         result = SendResult(f"s{n}@x", rcpts)
-        content = f"Subject: {n}\r\n\r\n.dot {n}\r\n".encode()
+        # Two parts, the second starting with a dot: stuffing works across parts.
+        content = (f"Subject: {n}\r\n\r\n".encode(), f".dot {n}\r\n".encode())
         made.append(Transaction(result, f"s{n}@x", (), list(rcpts), content, 3))
     return made
 

@@ -45,7 +45,7 @@ from .commands import (
     Quit,
     StartTLS,
 )
-from .content import has_8bit, split_canonical
+from .content import Content, has_8bit, split_canonical
 from .errors import (
     AuthenticationError,
     CleartextAuthError,
@@ -363,8 +363,10 @@ class SMTPClient:
 
     # -- sending -----------------------------------------------------------------------
 
-    def prepare(self, mail_from: str, recipients: Sequence[str], message: bytes) -> Transaction:
-        """Check one message against the session and build its transaction.
+    def prepare(self, mail_from: str, recipients: Sequence[str], message: Content) -> Transaction:
+        """Check one message (one byte string, or parts to send one after the other)
+        against the session and build its transaction.  Parts are sent as they are, never
+        joined, when they are in CRLF form.
 
         Raises :class:`InvalidAddressError` for an unusable address (before any byte is
         sent).  A message this server cannot take (SMTPUTF8 not offered, larger than SIZE)
@@ -376,11 +378,11 @@ class SMTPClient:
             sender.addr_spec, [RecipientResult(r.addr_spec) for r in dict.fromkeys(envelope)]
         )
         content, tail = split_canonical(message)
-        size = len(content) + len(tail)
+        size = sum(map(len, content)) + len(tail)
         result.size = size
-        lines = content.count(b"\n") + len(tail) // 2
+        lines = sum(part.count(b"\n") for part in content) + len(tail) // 2
         transaction = Transaction(
-            result, sender.addr_spec, (), list(result.recipients), content, lines, tail
+            result, sender.addr_spec, (), list(result.recipients), content, lines, tail, size
         )
         try:
             self._check_sendable(sender, envelope, size)
@@ -439,7 +441,11 @@ class SMTPClient:
             raise MessageTooLargeError(size, limit)
 
     def _mail_parameters(
-        self, sender: EnvelopeAddress, envelope: list[EnvelopeAddress], content: bytes, size: int
+        self,
+        sender: EnvelopeAddress,
+        envelope: list[EnvelopeAddress],
+        content: Sequence[bytes],
+        size: int,
     ) -> tuple[str, ...]:
         extensions = self.protocol.extensions
         parameters = []

@@ -11,14 +11,18 @@ bytes but neither stuffs dots nor ends with a dot.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from typing import Final
 
 __all__ = [
+    "Content",
+    "as_parts",
     "data_parts",
     "dot_stuff",
     "has_8bit",
     "normalize_line_endings",
     "split_canonical",
+    "stuffed_parts",
     "terminate_data",
 ]
 
@@ -42,31 +46,60 @@ def normalize_line_endings(message: bytes) -> bytes:
     return normalized
 
 
-def split_canonical(message: bytes) -> tuple[bytes, bytes]:
-    """``message`` as (content, tail) whose concatenation is
-    ``normalize_line_endings(message)``, copying nothing when the message is already in CRLF
-    form: a missing final CRLF comes back as the tail (written as a part of its own)."""
-    crlf = message.count(b"\r\n")
-    if crlf == message.count(b"\n") == message.count(b"\r"):
-        missing = bool(message) and not message.endswith(b"\r\n")
-        return message, b"\r\n" if missing else b""
-    return normalize_line_endings(message), b""
+Content = bytes | Sequence[bytes]
+"""A message as one byte string or as parts to send one after the other."""
+
+
+def as_parts(content: Content) -> tuple[bytes, ...]:
+    """``content`` as a tuple of its non-empty parts."""
+    if isinstance(content, bytes):
+        return (content,) if content else ()
+    return tuple(part for part in content if part)
+
+
+def _is_canonical(part: bytes) -> bool:
+    """No bare CR or LF in ``part`` (nor a CR at its end, whose LF would be elsewhere)."""
+    return part.count(b"\r\n") == part.count(b"\n") == part.count(b"\r")
+
+
+def split_canonical(message: Content) -> tuple[tuple[bytes, ...], bytes]:
+    """``message`` as (content parts, tail) whose concatenation is the CRLF-normalized
+    message (see :func:`normalize_line_endings`), copying nothing when every part is
+    already in CRLF form: a missing final CRLF comes back as the tail (written as a part of
+    its own).  Otherwise the parts are joined and normalized into one."""
+    parts = as_parts(message)
+    if all(_is_canonical(part) for part in parts):
+        missing = bool(parts) and not parts[-1].endswith(b"\r\n")
+        return parts, b"\r\n" if missing else b""
+    normalized = normalize_line_endings(b"".join(parts))
+    return ((normalized,) if normalized else ()), b""
 
 
 def dot_stuff(normalized: bytes) -> bytes:
     """Double the leading dot of every line of CRLF-normalized content (RFC 5321 §4.5.2)."""
-    stuffed = normalized.replace(b"\r\n.", b"\r\n..")
-    if stuffed.startswith(b"."):
-        stuffed = b"." + stuffed
+    return b"".join(stuffed_parts((normalized,)))
+
+
+def stuffed_parts(parts: Sequence[bytes]) -> list[bytes]:
+    """CRLF-normalized content parts with the leading dot of every line doubled, copying
+    no part without such a dot: a dot that starts a part gets a part of its own.  A part
+    must not end between a CR and its LF (:func:`split_canonical` ensures it)."""
+    stuffed: list[bytes] = []
+    at_line_start = True
+    for part in parts:
+        if at_line_start and part.startswith(b"."):
+            stuffed.append(b".")
+        stuffed.append(part.replace(b"\r\n.", b"\r\n.."))
+        at_line_start = part.endswith(b"\n")
     return stuffed
 
 
-def data_parts(normalized: bytes, tail: bytes = b"") -> tuple[bytes, bytes]:
+def data_parts(normalized: Content, tail: bytes = b"") -> list[bytes]:
     """The DATA payload for CRLF-normalized content (``normalized + tail``, see
-    :func:`split_canonical`) as two parts to write one after the other: the stuffed content
-    (the same object when no line starts with a dot) and ``tail`` with ``.CRLF``.  No copy
-    of a large message is made to glue them."""
-    return dot_stuff(normalized), tail + b".\r\n"
+    :func:`split_canonical`) as parts to write one after the other: the stuffed content
+    (the same objects where no line starts with a dot), then ``tail`` with ``.CRLF``.  No
+    copy of a large message is made to glue them."""
+    return [*stuffed_parts(as_parts(normalized)), tail + b".\r\n"]
 
 
 def terminate_data(normalized: bytes) -> bytes:
@@ -74,6 +107,6 @@ def terminate_data(normalized: bytes) -> bytes:
     return b"".join(data_parts(normalized))
 
 
-def has_8bit(message: bytes) -> bool:
+def has_8bit(message: Content) -> bool:
     """True when any byte has its high bit set (needs ``BODY=8BITMIME``, RFC 6152)."""
-    return not message.isascii()
+    return not all(part.isascii() for part in as_parts(message))

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Final
 
 from .commands import Bdat, Command, Data, Ehlo, Helo, Quit, StartTLS
-from .content import data_parts
+from .content import Content, as_parts, data_parts
 from .errors import LocalProtocolError, RemoteProtocolError
 from .extensions import Extensions
 from .reply import Reply, ReplyParser, SMTPStatus
@@ -131,15 +131,17 @@ class SMTPConnection:
         self._pending.append(command)
         return data
 
-    def send_content(self, normalized: bytes, tail: bytes = b"") -> tuple[bytes, bytes]:
-        """Return the DATA payload for CRLF-normalized ``normalized`` as two parts to write
-        in order (the stuffed content, then the final dot) and queue its final reply.  Only
-        allowed right after a 354."""
+    def send_content(self, normalized: Content, tail: bytes = b"") -> list[bytes]:
+        """Return the DATA payload for CRLF-normalized content (one byte string or parts,
+        see :func:`~.content.split_canonical`) as parts to write in order (the stuffed
+        content, then the final dot) and queue its final reply.  Only allowed right after
+        a 354."""
         if self.state is not SessionState.AWAITING_CONTENT:
             raise LocalProtocolError("message content may only follow a 354 reply to DATA")
-        lines = normalized.count(b"\n") + tail.count(b"\n")
-        size = len(normalized) + len(tail)
-        payload = data_parts(normalized, tail)
+        parts = as_parts(normalized)
+        lines = sum(part.count(b"\n") for part in parts) + tail.count(b"\n")
+        size = sum(map(len, parts)) + len(tail)
+        payload = data_parts(parts, tail)
         self.transcript.content(size, lines)
         self.transcript.client(".")
         self._pending.append(MessageContent(size, lines))

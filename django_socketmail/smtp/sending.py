@@ -82,20 +82,22 @@ class Transaction:
     sender: str
     parameters: tuple[str, ...]
     recipients: list[RecipientResult]
-    content: bytes
+    content: tuple[bytes, ...]
+    """The CRLF-normalized message, as parts written one after the other."""
     lines: int = 0
     tail: bytes = b""
     """A final CRLF the message lacked, sent after ``content`` (see ``split_canonical``)."""
+    size: int = -1
+    """Octets of the message as sent (before dot-stuffing); computed when not given."""
     stage: Stage = Stage.QUEUED
     mail_reply: Reply | None = None
     rcpt_replies: list[Reply] = field(default_factory=list)
     data_reply: Reply | None = None
     final_reply: Reply | None = None
 
-    @property
-    def size(self) -> int:
-        """Octets of the message as sent (before dot-stuffing)."""
-        return len(self.content) + len(self.tail)
+    def __post_init__(self) -> None:
+        if self.size < 0:
+            self.size = sum(map(len, self.content)) + len(self.tail)
 
     @property
     def recipients_accepted(self) -> bool:
@@ -134,7 +136,14 @@ class Transaction:
             for recipient in deferred:
                 recipient.status = RecipientStatus.PENDING
             follow_up = Transaction(
-                result, self.sender, self.parameters, deferred, self.content, self.lines, self.tail
+                result,
+                self.sender,
+                self.parameters,
+                deferred,
+                self.content,
+                self.lines,
+                self.tail,
+                self.size,
             )
         data = self.data_reply
         if data is not None and data.code != SMTPStatus.start_input:
@@ -319,7 +328,7 @@ class TransactionRunner:
             self._expect.append((_Kind.RCPT, tx))
         if self.chunking:
             self._parts.append(protocol.send_bdat(tx.size, lines=tx.lines))
-            self._parts.append(tx.content)
+            self._parts.extend(tx.content)
             if tx.tail:
                 self._parts.append(tx.tail)
             self._marks.append((len(self._parts), tx))

@@ -1,0 +1,443 @@
+"""A Django ``EmailMessage`` as the bytes Django's own SMTP backend sends, streamed in parts.
+
+:func:`serialize` is the reference: ``message.message()`` serialized with CRLF line endings,
+exactly as ``django.core.mail.backends.smtp.EmailBackend`` does it.  For a 1 MB body that
+path holds the payload four to six times over at its peak (the stdlib's MIME classes
+encode, decode and re-check the whole text several times, and the generator copies it
+through nested buffers).
+
+:func:`serialize_parts` returns the same bytes as a list of parts without ever holding a
+large payload more than once.  Each large payload (the body, an alternative or an
+attachment of at least ``lazy_threshold`` characters or bytes) is replaced, in a shallow
+copy of the message, by a small *sample* that leads Django and the stdlib to the same
+decisions (content type, charset, transfer encoding) as the real payload; ``message()`` of
+that copy gives the exact headers and MIME structure.  Each sample's part then gets a token
+as its payload, the small tree is serialized the normal way, and each token is replaced by
+the real payload, encoded with the same stdlib encoder as Django's path uses, applied to
+slices of about 64 KiB (cut after a line break for the line-oriented encodings, at a
+multiple of the base64 line for base64).  The stdlib encoders are line-local, so the slices
+concatenate to exactly what the whole payload would have given.
+
+Anything this cannot reproduce exactly (a charset whose encoding is not line-local, a
+subclass whose ``message()`` does not use the payloads, a MIME boundary that would occur in
+a payload) is serialized by :func:`serialize` instead, so the result is always Django's.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import codecs
+import copy
+import email.charset
+import email.contentmanager
+import email.message
+import email.policy
+import itertools
+import random
+import re
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Final, cast
+
+import django
+from django.conf import settings
+
+if TYPE_CHECKING:
+    from django.core.mail import EmailMessage
+
+__all__ = ["LAZY_PAYLOAD_CHARS", "SLICE_CHARS", "serialize", "serialize_parts"]
+
+LAZY_PAYLOAD_CHARS: Final = 64 * 1024
+"""Payloads from this many characters (or bytes) up are streamed; smaller ones are not
+worth the extra ``message()`` call."""
+SLICE_CHARS: Final = 64 * 1024
+"""About this many characters (or bytes) of a payload are encoded at a time."""
+
+_MODERN_MESSAGE: Final = django.VERSION >= (6, 0)
+"""Django 6.0 builds messages with the stdlib's modern API (``set_content()``)."""
+
+_LINE_BREAK: Final = re.compile(r"\r\n|\r|\n")
+_LINE_BREAK_BYTES: Final = re.compile(rb"\r\n|\r|\n")
+_NON_ASCII: Final = re.compile(r"[^\x00-\x7f]")
+_SNIFFED_LINES: Final = 10
+"""The stdlib chooses between quoted-printable and base64 from the first ten lines."""
+_LONG_LINE_BYTES: Final = 998
+"""Django 5.2 quoted-printable-encodes a UTF-8 text with a line longer than this."""
+
+
+def serialize(message: EmailMessage) -> bytes:
+    """The message as bytes with CRLF line endings, as Django's own SMTP backend makes it."""
+    return _as_bytes(_build(message))
+
+
+def serialize_parts(
+    message: EmailMessage, *, lazy_threshold: int = LAZY_PAYLOAD_CHARS
+) -> list[bytes]:
+    """The bytes of :func:`serialize` (byte for byte, given the same ``Date``,
+    ``Message-ID`` and random MIME boundaries) as a list of non-empty parts, holding no
+    payload of ``lazy_threshold`` characters or more twice: such payloads are encoded
+    slice by slice into parts of their own."""
+    plan = _Plan.for_message(message, lazy_threshold)
+    if plan is None:
+        return [serialize(message)]
+    # MIME boundaries are drawn from ``random``: a fallback draws the same ones as the
+    # whole message would have had.
+    state = random.getstate()
+    parts = plan.serialize()
+    if parts is None:
+        random.setstate(state)
+        return [serialize(message)]
+    return parts
+
+
+def _build(message: EmailMessage) -> email.message.Message:
+    build: Any = message.message
+    if _MODERN_MESSAGE:
+        return cast(email.message.Message, build(policy=email.policy.SMTP))
+    return cast(email.message.Message, build())
+
+
+def _as_bytes(mime: email.message.Message) -> bytes:
+    if _MODERN_MESSAGE:
+        return mime.as_bytes()
+    legacy: Any = mime  # Django 5.2's MIMEMixin.as_bytes() takes the line separator
+    return cast(bytes, legacy.as_bytes(linesep="\r\n"))
+
+
+# -- slicing ---------------------------------------------------------------------------------
+
+
+def _line_slices(text: str, size: int) -> Iterator[str]:
+    """``text`` in slices of about ``size`` characters, each but the last ending right
+    after a line break (CR LF, CR or LF; never between a CR and its LF).  A line longer
+    than ``size`` makes a longer slice."""
+    start, length = 0, len(text)
+    while start < length:
+        end = start + size
+        if end >= length:
+            yield text[start:]
+            return
+        cut = text.rfind("\n", start, end) + 1
+        if not cut:
+            # A CR before the window's last character: the next one is not LF (else the
+            # LF would have been found), so the CR ends a line.
+            cut = text.rfind("\r", start, end - 1) + 1
+        if not cut:
+            found = _LINE_BREAK.search(text, end - 1)
+            cut = found.end() if found else length
+        yield text[start:cut]
+        start = cut
+
+
+def _crlf(text: str) -> bytes:
+    """What the stdlib's generator writes for a payload: every line break as CRLF, the
+    text as bytes (surrogate escapes back to the bytes they stand for)."""
+    data = text.encode("ascii", "surrogateescape")
+    if b"\r" not in data:
+        return data.replace(b"\n", b"\r\n")
+    return _LINE_BREAK_BYTES.sub(b"\r\n", data)
+
+
+def _line_safe(charset: str) -> bool:
+    """Whether text in ``charset`` can be encoded slice by slice, cut at line breaks:
+    a stateless codec in which CR and LF are single bytes never part of another
+    character (ASCII and its 8-bit extensions, UTF-8)."""
+    try:
+        name = codecs.lookup(charset).name
+    except LookupError:
+        return False
+    return name in {"utf-8", "ascii", "latin-1"} or name.startswith(("iso8859-", "cp125"))
+
+
+# -- the plan --------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Payload:
+    """A large payload taken out of the message, and the sample standing in for it."""
+
+    content: str | bytes
+    marker: str
+    sample: str | bytes = ""
+    charset: str = "utf-8"
+    part: email.message.Message | None = None
+
+    @property
+    def token(self) -> str:
+        return f"\x00{self.marker}\x00"
+
+    def make_sample(self) -> bool:
+        """Build the stand-in; False when this payload cannot be streamed."""
+        if isinstance(self.content, bytes):
+            self.sample = self.marker.encode("ascii")
+            return True
+        return self._make_text_sample(self.content)
+
+    def _make_text_sample(self, text: str) -> bool:
+        # The decisions to reproduce.  Django 5.2 (SafeMIMEText, charset "utf-8"):
+        # quoted-printable when a line (str.splitlines) is over 998 bytes, else 7bit or 8bit
+        # by whether the text is ASCII.  Django 6 (set_content): 7bit or 8bit when no line
+        # (bytes.splitlines of the encoded text) is over 78 bytes, else quoted-printable or
+        # base64, whichever is shorter for the first ten lines.  So the sample is the first
+        # ten lines, a line as long as the longest, a non-ASCII character if the text has
+        # one, and the marker (a short ASCII line, after the sniffed ones).
+        if not _line_safe(self.charset):
+            return False
+        breaks = list(itertools.islice(_LINE_BREAK.finditer(text), _SNIFFED_LINES))
+        if len(breaks) < _SNIFFED_LINES:
+            return False  # so few lines that the sample's own would be sniffed
+        longest = 0
+        non_ascii = ""
+        for piece in _line_slices(text, SLICE_CHARS):
+            try:
+                encoded = piece.encode(self.charset)
+            except UnicodeEncodeError:
+                return False  # Django's own path raises its error
+            longest = max(longest, max(map(len, encoded.splitlines()), default=0))
+            if not non_ascii and not piece.isascii():
+                found = _NON_ASCII.search(piece)
+                non_ascii = found.group() if found else ""
+        if not _MODERN_MESSAGE and longest > _LONG_LINE_BYTES:
+            # Django 5.2 splits with str.splitlines, which also breaks at \x0b, \x85...
+            longest = max(
+                len(line.encode("utf-8", "surrogateescape"))
+                for piece in _line_slices(text, SLICE_CHARS)
+                for line in piece.splitlines()
+            )
+        self.sample = "".join(
+            (
+                text[: breaks[-1].end()],
+                "x" * longest + "\n",
+                non_ascii + "\n" if non_ascii else "",
+                self.marker + "\n",
+            )
+        )
+        return True
+
+
+@dataclass(slots=True)
+class _Plan:
+    """A message with its large payloads taken out, and how to put them back."""
+
+    light: EmailMessage
+    payloads: list[_Payload] = field(default_factory=list)
+
+    @classmethod
+    def for_message(cls, message: EmailMessage, threshold: int) -> _Plan | None:
+        """The plan, or None when no payload is large enough (or none can be streamed)."""
+        if not _has_large_payload(message, threshold):
+            return None  # the common case, decided without a copy
+        prefix = uuid.uuid4().hex[:16]
+        plan = cls(copy.copy(message))
+        encoding = str(message.encoding or settings.DEFAULT_CHARSET)
+
+        def take(content: object, *, text: bool) -> object:
+            if isinstance(content, str) and text and len(content) >= threshold:
+                payload = _Payload(content, f"sm{prefix}{len(plan.payloads)}", charset=encoding)
+            elif isinstance(content, bytes) and not text and len(content) >= threshold:
+                payload = _Payload(content, f"sm{prefix}{len(plan.payloads)}")
+            else:
+                return content
+            if not payload.make_sample():
+                return content
+            plan.payloads.append(payload)
+            return payload.sample
+
+        plan.light.body = cast(str, take(message.body, text=True))
+        alternatives = getattr(message, "alternatives", None)
+        if alternatives:
+            cast(Any, plan.light).alternatives = [
+                _replaced(alternative, 0, take(alternative[0], text=_is_text(alternative[1])))
+                for alternative in alternatives
+            ]
+        if message.attachments:
+            plan.light.attachments = [
+                _replaced(attachment, 1, take(attachment[1], text=_is_text(attachment[2])))
+                if isinstance(attachment, tuple) and len(attachment) == 3
+                else attachment
+                for attachment in message.attachments
+            ]
+        return plan if plan.payloads else None
+
+    def serialize(self) -> list[bytes] | None:
+        """The message's parts, or None when the light message does not reproduce the
+        original exactly (then the caller serializes it whole)."""
+        mime = _build(self.light)
+        for payload in self.payloads:
+            payload.part = _find_part(mime, payload.marker)
+            if payload.part is None or _encoder(payload) is None:
+                return None
+            payload.part.set_payload(payload.token)
+        skeleton = _as_bytes(mime)
+        boundaries = [
+            b"--" + boundary.encode("ascii", "surrogateescape")
+            for part in mime.walk()
+            if part.is_multipart() and (boundary := part.get_boundary()) is not None
+        ]
+        parts: list[bytes] = []
+        rest = skeleton
+        for payload in self.payloads:
+            token = payload.token.encode("ascii")
+            before, found, rest = rest.partition(token)
+            if not found or token in rest:
+                return None
+            if before:
+                parts.append(before)
+            encode = _encoder(payload)
+            assert encode is not None
+            for chunk in encode(payload):
+                if any(boundary in chunk for boundary in boundaries):
+                    return None  # the stdlib would have chosen another boundary
+                if chunk:
+                    parts.append(chunk)
+        if rest:
+            parts.append(rest)
+        return parts
+
+
+def _has_large_payload(message: EmailMessage, threshold: int) -> bool:
+    """Whether the body, an alternative or an attachment is ``threshold`` long or more."""
+
+    def large(content: object) -> bool:
+        return isinstance(content, (str, bytes)) and len(content) >= threshold
+
+    alternatives = getattr(message, "alternatives", None) or ()
+    attachments = message.attachments or ()
+    return (
+        large(message.body)
+        or any(isinstance(item, tuple) and large(item[0]) for item in alternatives)
+        or any(
+            isinstance(item, tuple) and len(item) == 3 and large(item[1]) for item in attachments
+        )
+    )
+
+
+def _is_text(mimetype: object) -> bool:
+    return isinstance(mimetype, str) and mimetype.split("/", 1)[0] == "text"
+
+
+def _replaced(item: tuple[Any, ...], index: int, value: object) -> tuple[Any, ...]:
+    """``item`` (a tuple or a named tuple, such as EmailAttachment) with one field changed."""
+    if value is item[index]:
+        return item
+    fields = list(item)
+    fields[index] = value
+    return type(item)(*fields) if hasattr(item, "_fields") else tuple(fields)
+
+
+def _find_part(mime: email.message.Message, marker: str) -> email.message.Message | None:
+    """The one leaf whose decoded payload holds ``marker``, or None (none, or several)."""
+    needle = marker.encode("ascii")
+    found = None
+    for part in mime.walk():
+        if part.is_multipart():
+            continue
+        decoded = part.get_payload(decode=True)
+        if isinstance(decoded, bytes) and needle in decoded:
+            if found is not None:
+                return None
+            found = part
+    return found
+
+
+# -- encoders: the stdlib's own, slice by slice -------------------------------------------
+
+_Encoder = Callable[[_Payload], Iterator[bytes]]
+_encode_text: Callable[..., tuple[str, str]] | None = getattr(
+    email.contentmanager, "_encode_text", None
+)
+"""The stdlib function ``set_content()`` encodes text with (Django 6's path)."""
+
+
+def _encoder(payload: _Payload) -> _Encoder | None:
+    """How to encode ``payload`` exactly as the stdlib did for its sample, or None."""
+    part = payload.part
+    assert part is not None
+    cte = str(part.get("Content-Transfer-Encoding", "")).lower()
+    if isinstance(payload.content, bytes):
+        if cte != "base64":
+            return None
+        return _base64_lines
+    if _MODERN_MESSAGE:
+        if _encode_text is None or cte not in {"7bit", "8bit", "quoted-printable", "base64"}:
+            return None
+        return _text_base64 if cte == "base64" else _text_modern
+    charset = part.get_charset()
+    if (
+        not isinstance(charset, email.charset.Charset)
+        or charset.get_output_charset() != charset.input_charset
+        or charset.body_encoding not in (None, email.charset.QP)
+    ):
+        return None
+    return _text_compat
+
+
+def _base64_width(part: email.message.Message | None) -> int:
+    """Bytes per base64 line under the part's policy (57 for 76-character lines)."""
+    length = getattr(getattr(part, "policy", None), "max_line_length", None) or 78
+    return max(1, length // 4 * 3)
+
+
+def _base64_of(data: bytes | memoryview, width: int) -> bytes:
+    """``data`` in base64, ``width`` bytes a line, each line ending in CRLF."""
+    if width == 57:
+        encoded = base64.encodebytes(data)
+    else:
+        encoded = b"".join(
+            binascii.b2a_base64(data[start : start + width]) for start in range(0, len(data), width)
+        )
+    return encoded.replace(b"\n", b"\r\n")
+
+
+def _base64_lines(payload: _Payload) -> Iterator[bytes]:
+    """Bytes as ``set_bytes_content()`` (Django 6) and ``email.encoders.encode_base64()``
+    (Django 5.2) encode them: base64 lines of 76 characters."""
+    data = memoryview(cast(bytes, payload.content))
+    width = _base64_width(payload.part)
+    step = width * max(1, SLICE_CHARS // width)
+    for start in range(0, len(data), step):
+        yield _base64_of(data[start : start + step], width)
+
+
+def _text_modern(payload: _Payload) -> Iterator[bytes]:
+    """Text as ``set_content()`` encodes it in 7bit, 8bit or quoted-printable (Django 6)."""
+    assert _encode_text is not None
+    assert payload.part is not None
+    cte = str(payload.part["Content-Transfer-Encoding"]).lower()
+    policy = payload.part.policy
+    for piece in _line_slices(cast(str, payload.content), SLICE_CHARS):
+        yield _crlf(_encode_text(piece, payload.charset, cte, policy)[1])
+
+
+def _text_base64(payload: _Payload) -> Iterator[bytes]:
+    """Text as ``set_content()`` encodes it in base64 (Django 6): the encoded lines joined
+    with the policy's line separator, in base64 lines."""
+    assert payload.part is not None
+    linesep = payload.part.policy.linesep.encode("ascii")
+    width = _base64_width(payload.part)
+    carry = b""
+    for piece in _line_slices(cast(str, payload.content), SLICE_CHARS):
+        lines = piece.encode(payload.charset).splitlines()
+        block = carry + linesep.join(lines) + linesep
+        whole = len(block) - len(block) % width
+        if whole:
+            yield _base64_of(memoryview(block)[:whole], width)
+        carry = block[whole:]
+    if carry:
+        yield _base64_of(carry, width)
+
+
+def _text_compat(payload: _Payload) -> Iterator[bytes]:
+    """Text as ``Message.set_payload(text, charset)`` leaves it (Django 5.2's
+    SafeMIMEText): encoded in the charset, then quoted-printable if the charset says so."""
+    assert payload.part is not None
+    charset = cast(email.charset.Charset, payload.part.get_charset())
+    output = str(charset.get_output_charset())
+    for piece in _line_slices(cast(str, payload.content), SLICE_CHARS):
+        encoded = piece.encode(output)
+        if charset.body_encoding == email.charset.QP:
+            yield _crlf(charset.body_encode(encoded) or "")
+        else:
+            yield _crlf(encoded.decode("ascii", "surrogateescape"))
