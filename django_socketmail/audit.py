@@ -159,28 +159,30 @@ class AuditRecorder:
 
         with transaction.atomic(using=alias):
             session = self._save_session(SessionLog, alias)
-            logs = [self._message_log(MessageLog, session, r) for r in self._messages]
-            if not logs:
+            if not self._messages:
                 return
-            if connections[alias].features.can_return_rows_from_bulk_insert:
-                MessageLog.objects.using(alias).bulk_create(logs)
-            else:
-                for log in logs:
-                    log.save(using=alias)
+            connection = connections[alias]
+            created: Any = MessageLog._meta.get_field("created")
             rows = [
+                self._message_row(
+                    MessageLog, session.pk, created.get_db_prep_save(r.created, connection), r
+                )
+                for r in self._messages
+            ]
+            _insert_many(alias, MessageLog, _MESSAGE_COLUMNS, rows)
+            ids = _newest_ids(alias, MessageLog, session.pk, len(rows))
+            recipient_rows = [
                 (
-                    log.pk,
+                    message_id,
                     _cut(RecipientLog, "address", r.address),
                     r.status.value,
                     r.reply.code if r.reply else None,
                     r.reply.text if r.reply else "",
                 )
-                for log, record in zip(logs, self._messages, strict=True)
+                for message_id, record in zip(ids, self._messages, strict=True)
                 for r in record.result.recipients
             ]
-            _insert_many(
-                alias, RecipientLog, ("message", "address", "status", "reply_code", "reply"), rows
-            )
+            _insert_many(alias, RecipientLog, _RECIPIENT_COLUMNS, recipient_rows)
 
     def _save_session(self, model: Any, alias: str) -> Any:
         info = self.client.info
@@ -214,29 +216,75 @@ class AuditRecorder:
         model.objects.using(alias).filter(pk=self._session_pk).update(**values)
         return model(pk=self._session_pk)
 
-    def _message_log(self, model: Any, session: Any, record: _MessageRecord) -> Any:
+    @staticmethod
+    def _message_row(
+        model: Any, session_id: int, created: Any, record: _MessageRecord
+    ) -> tuple[Any, ...]:
+        """A MessageLog row, in the order of :data:`_MESSAGE_COLUMNS`."""
         result = record.result
         error = result.error
         final = result.final_reply
-        return model(
-            session=session,
-            created=record.created,
-            status=result.status.value,
-            message_id=_cut(model, "message_id", record.message_id),
-            sender=_cut(model, "sender", result.mail_from),
-            recipients=", ".join(r.address for r in result.recipients),
-            subject=_cut(model, "subject", record.subject),
-            size=result.size,
-            final_reply_code=final.code if final else None,
-            final_reply=final.text if final else "",
-            queue_id=_cut(model, "queue_id", result.queue_id),
-            duration=result.elapsed,
-            error_class=_cut(model, "error_class", _class_name(error)),
-            error=str(error) if error is not None else "",
-            transient=_transient(result),
-            transcript=record.transcript,
-            body=record.body,
+        return (
+            session_id,
+            created,
+            result.status.value,
+            _cut(model, "message_id", record.message_id),
+            _cut(model, "sender", result.mail_from),
+            ", ".join(r.address for r in result.recipients),
+            _cut(model, "subject", record.subject),
+            result.size,
+            final.code if final else None,
+            final.text if final else "",
+            _cut(model, "queue_id", result.queue_id),
+            result.elapsed,
+            _cut(model, "error_class", _class_name(error)),
+            str(error) if error is not None else "",
+            _transient(result),
+            record.transcript,
+            record.body,
         )
+
+
+_MESSAGE_COLUMNS: Final = (
+    "session",
+    "created",
+    "status",
+    "message_id",
+    "sender",
+    "recipients",
+    "subject",
+    "size",
+    "final_reply_code",
+    "final_reply",
+    "queue_id",
+    "duration",
+    "error_class",
+    "error",
+    "transient",
+    "transcript",
+    "body",
+)
+_RECIPIENT_COLUMNS: Final = ("message", "address", "status", "reply_code", "reply")
+
+
+def _newest_ids(alias: str, model: Any, session_id: int, count: int) -> list[int]:
+    """The ids of the session's ``count`` newest rows of ``model``, oldest first: the rows
+    just inserted (ids grow with insertion order, and only this recorder writes rows of
+    its session)."""
+    connection = connections[alias]
+    quote = connection.ops.quote_name
+    meta = model._meta
+    sql = (
+        f"SELECT {quote(meta.pk.column)} FROM {quote(meta.db_table)} "  # noqa: S608 - names from the model
+        f"WHERE {quote(meta.get_field('session').column)} = %s "
+        f"ORDER BY {quote(meta.pk.column)} DESC"
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [session_id])
+        ids = [row[0] for row in cursor.fetchmany(count)]
+    if len(ids) != count:
+        raise RuntimeError(f"wrote {count} audit rows but found {len(ids)}")
+    return ids[::-1]
 
 
 def _audit_alias(configured: str | None) -> tuple[str, Any]:
@@ -268,8 +316,8 @@ def _audit_alias(configured: str | None) -> tuple[str, Any]:
 def _insert_many(
     alias: str, model: Any, names: tuple[str, ...], rows: list[tuple[Any, ...]]
 ) -> None:
-    """INSERT plain rows with one ``executemany``: for the recipient rows, whose values need
-    no conversion, the ORM's per-value preparation is most of the audit log's cost."""
+    """INSERT plain rows (values ready for the database) with one ``executemany``: the
+    ORM's per-object and per-value preparation would be most of the audit log's cost."""
     if not rows:
         return
     connection = connections[alias]

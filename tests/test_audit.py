@@ -71,6 +71,32 @@ def test_sent_message_rows(make_backend: BackendFactory, starttls_server: LocalS
     assert "User unknown" in recipients["nobody@example.com"].reply
 
 
+def test_each_flush_links_recipients_to_their_own_messages(
+    make_backend: BackendFactory, starttls_server: LocalSMTPServer
+) -> None:
+    # Message rows go in with one executemany and their ids are read back as the
+    # session's newest rows: several calls on one open session (one flush each), with
+    # different recipient counts, must each find their own.
+    backend = audited(make_backend, starttls_server)
+    backend.open()
+    calls = [[["a1@example.com"], ["b1@example.com", "b2@example.com"]], [["c1@example.com"]]]
+    calls.append([["d1@example.com", "nobody@example.com", "d3@example.com"]])
+    for call in calls:
+        sent = [message(recipients) for recipients in call]
+        for msg, recipients in zip(sent, call, strict=True):
+            msg.subject = " ".join(recipients)
+        assert backend.send_messages(sent) == len(sent)
+    backend.close()
+    session = SessionLog.objects.get()
+    logs = list(MessageLog.objects.filter(session=session).order_by("id"))
+    assert [log.subject for log in logs] == [" ".join(r) for call in calls for r in call]
+    for log in logs:
+        addresses = sorted(r.address for r in RecipientLog.objects.filter(message=log))
+        assert addresses == sorted(log.subject.split())
+        assert log.recipients == ", ".join(log.subject.split())
+    assert RecipientLog.objects.filter(status="refused").get().message.subject.startswith("d1@")
+
+
 def test_refused_and_connection_failures_are_rows(
     make_backend: BackendFactory, starttls_server: LocalSMTPServer
 ) -> None:
