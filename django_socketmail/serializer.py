@@ -19,8 +19,10 @@ multiple of the base64 line for base64).  The stdlib encoders are line-local, so
 concatenate to exactly what the whole payload would have given.
 
 Anything this cannot reproduce exactly (a charset whose encoding is not line-local, a
-subclass whose ``message()`` does not use the payloads, a MIME boundary that would occur in
-a payload) is serialized by :func:`serialize` instead, so the result is always Django's.
+subclass whose ``message()`` does not use the payloads) is serialized by :func:`serialize`
+instead, so the result is always Django's.  So is a message one of whose payloads holds a
+MIME boundary drawn for it: serialized again, it gets new boundaries (Django's own path
+would send the colliding one, which the stdlib's check misses over CRLF).
 """
 
 from __future__ import annotations
@@ -34,7 +36,6 @@ import email.contentmanager
 import email.message
 import email.policy
 import itertools
-import random
 import re
 import uuid
 from collections.abc import Callable, Iterator
@@ -82,12 +83,10 @@ def serialize_parts(
     plan = _Plan.for_message(message, lazy_threshold)
     if plan is None:
         return [serialize(message)]
-    # MIME boundaries are drawn from ``random``: a fallback draws the same ones as the
-    # whole message would have had.
-    state = random.getstate()
     parts = plan.serialize()
     if parts is None:
-        random.setstate(state)
+        # Serialized again, the message gets new MIME boundaries (drawn from ``random``):
+        # after a boundary found in a payload, that is what it needs.
         return [serialize(message)]
     return parts
 
@@ -289,7 +288,9 @@ class _Plan:
             assert encode is not None
             for chunk in encode(payload):
                 if any(boundary in chunk for boundary in boundaries):
-                    return None  # the stdlib would have chosen another boundary
+                    # The payload holds a boundary drawn for the skeleton (whose check
+                    # saw only the token; the stdlib's own misses it over CRLF anyway).
+                    return None
                 if chunk:
                     parts.append(chunk)
         if rest:
