@@ -226,7 +226,7 @@ class _Plan:
     @classmethod
     def for_message(cls, message: EmailMessage, threshold: int) -> _Plan | None:
         """The plan, or None when no payload is large enough (or none can be streamed)."""
-        if not _has_large_payload(message, threshold):
+        if not _has_large_payload(message, threshold) or not _builds_like_django(message):
             return None  # the common case, decided without a copy
         prefix = uuid.uuid4().hex[:16]
         plan = cls(copy.copy(message))
@@ -296,6 +296,34 @@ class _Plan:
         if rest:
             parts.append(rest)
         return parts
+
+
+_BUILDERS: Final = (
+    "message",
+    "_create_message",
+    "_create_alternatives",
+    "_create_attachments",
+    "_create_attachment",
+    "_create_mime_attachment",
+    "_add_bodies",
+    "_add_attachments",
+    "_add_attachment",
+)
+"""The methods that build the MIME tree from the payloads (Django 5.2 and 6)."""
+
+
+def _builds_like_django(message: EmailMessage) -> bool:
+    """Whether the message's class builds its MIME tree with Django's own code.  A class
+    that overrides that may use a payload for more than its part (a header holding a
+    hash of the body, a DKIM signature...), which a sample would falsify."""
+    cls = type(message)
+    return all(
+        getattr(getattr(cls, name, None), "__module__", _DJANGO_MAIL) == _DJANGO_MAIL
+        for name in _BUILDERS
+    )
+
+
+_DJANGO_MAIL: Final = "django.core.mail.message"
 
 
 def _has_large_payload(message: EmailMessage, threshold: int) -> bool:

@@ -35,6 +35,7 @@ from __future__ import annotations
 import email.message
 import email.policy
 import functools
+import hashlib
 import operator
 import random
 import string
@@ -630,6 +631,26 @@ def test_content_holding_the_boundary(where: str) -> None:
     assert [part.get_content_type() for part in leaves] == ["text/plain", "text/html"]
     text = cast(email.message.EmailMessage, leaves[0]).get_content()
     assert text.replace("\r\n", "\n") == body
+
+
+class SignedMessage(EmailMessage):
+    """A subclass that builds on the body in message(): a digest header, as a DKIM
+    signer would.  A sample standing in for the body would falsify it."""
+
+    def message(self, **kwargs: Any) -> Any:
+        mime = super().message(**kwargs)
+        mime["X-Body-Digest"] = hashlib.sha256(self.body.encode()).hexdigest()
+        return mime
+
+
+def test_a_class_building_its_own_message_is_serialized_whole() -> None:
+    body = BODIES["big-ascii"]()
+    message = SignedMessage("s", body, "a@example.com", ["b@example.com"], headers=HEADERS)
+    parts = serialize_parts(message, lazy_threshold=0)
+    assert parts == [serialize(message)]
+    digest = hashlib.sha256(body.encode()).hexdigest().encode()
+    assert b"X-Body-Digest:" in parts[0]
+    assert digest in parts[0]
 
 
 # -- the parts are usable --------------------------------------------------------------------
