@@ -220,6 +220,21 @@ def test_body_capture_is_opt_in_and_capped(
     assert 0 < len(body.encode()) <= 40
 
 
+def test_streamed_message_rows_read_across_parts(
+    make_backend: BackendFactory, starttls_server: LocalSMTPServer
+) -> None:
+    # A 300 KB body goes out as many parts: the Message-ID comes from the first and the
+    # captured start of the message spans several.
+    body = "".join(f"line {n:06d} of a long body\n" for n in range(12_000))
+    backend = audited(make_backend, starttls_server, audit_body_bytes=200_000)
+    assert backend.send_messages([message(body=body)]) == 1
+    received = starttls_server.wait_for_messages(1)[0].data
+    log = MessageLog.objects.get()
+    assert log.size == len(received) > 300_000
+    assert log.message_id and log.message_id.encode() in received
+    assert log.body.encode() == received[:200_000]
+
+
 @pytest.mark.parametrize("mechanism", ["CRAM-MD5", "PLAIN", "LOGIN"])
 def test_no_credential_in_any_column(
     make_backend: BackendFactory, starttls_server: LocalSMTPServer, mechanism: str
