@@ -35,4 +35,4 @@ interop: $(BIN)/.installed
 	$(BIN)/python -m pytest tests/interop -m interop
 
 clean:
-	rm -rf .venv .venv312 .venv313 .pytest_cache .mypy_cache .ruff_cache *.egg-info testproject/db.sqlite3
+	rm -rf .venv .venv310 .venv312 .venv313 .pytest_cache .mypy_cache .ruff_cache *.egg-info testproject/db.sqlite3
