@@ -597,17 +597,20 @@ def send_and_compare(
 
 @pytest.mark.parametrize("mode", SENDING_MODES, ids=list(SENDING_MODES))
 def test_dot_lines(rig: PostfixRig, make_backend: BackendFactory, mode: str) -> None:
-    """Lines starting with '.', a line that is only '.', and a body ending in a bare '.'."""
+    """Lines starting with '.', a line that is only '.', and a body ending in a bare '.'.
+    The big one is streamed in 64 KiB slices, each starting with a dot line."""
     to = [f"bob@{DOMAIN}"]
+    dotted = ("." + "x" * 62 + "\n") * 3000  # 192 KB; every line, so every slice, starts "."
     msgs = [
         make_message("dots", to, body=DOT_BODY),
         make_message("dot-at-end", to, body="the next line is the last\n."),
         make_message("dot-only", to, body="."),
+        make_message("dots-streamed", to, body=dotted + DOT_BODY),
     ]
     delivered = send_and_compare(rig, make_backend("plain", **SENDING_MODES[mode]), msgs)
     smuggled = b"\r\n.\r\nMAIL FROM:<evil@example.test>\r\n"
-    assert [smuggled in raw for raw in delivered].count(True) == 1  # as body text, once
-    assert [log.status for log in MessageLog.objects.all()] == ["sent"] * 3
+    assert [smuggled in raw for raw in delivered].count(True) == 2  # as body text, in two
+    assert [log.status for log in MessageLog.objects.all()] == ["sent"] * 4
 
 
 @pytest.mark.parametrize("mode", SENDING_MODES, ids=list(SENDING_MODES))
