@@ -18,7 +18,9 @@ is ``bytes`` and the parts join to ``serialize()``'s bytes, byte for byte:
 - payloads cut into slices with every awkward character at a slice's start or straddling
   its end, and the lines that decide the transfer encoding (7bit, 8bit,
   quoted-printable, base64) placed last, or among the first ten lines Django 6 sniffs;
-- content that holds the very MIME boundary the generator is about to draw;
+- content that holds the very MIME boundary the generator is about to draw (there the
+  parts differ from Django's bytes on purpose: the message is serialized again with a new
+  boundary, where Django's would send the colliding one);
 - any message hypothesis makes of the same pieces.
 
 Determinism: every message has fixed ``Date`` and ``Message-ID`` headers (``message()``
@@ -26,8 +28,7 @@ makes them up otherwise).  MIME boundaries come from ``email.generator``'s
 ``random.randrange``: the global ``random`` is seeded with the same value right before each
 serialization, so both draw the same boundaries.  That is enough (no boundary is normalized
 afterwards): a regex normalizing ``boundary="..."`` would also hide a ``serialize_parts()``
-that draws its boundaries differently from ``serialize()`` -- which is exactly what
-``test_content_holding_the_boundary`` looks for.
+that draws its boundaries differently from ``serialize()``.
 """
 
 from __future__ import annotations
