@@ -46,6 +46,8 @@ from typing import TYPE_CHECKING, Any, Final, cast
 import django
 from django.conf import settings
 
+from .smtp.content import crlf_line_breaks
+
 if TYPE_CHECKING:
     from django.core.mail import EmailMessage
 
@@ -61,7 +63,6 @@ _MODERN_MESSAGE: Final = django.VERSION >= (6, 0)
 """Django 6.0 builds messages with the stdlib's modern API (``set_content()``)."""
 
 _LINE_BREAK: Final = re.compile(r"\r\n|\r|\n")
-_LINE_BREAK_BYTES: Final = re.compile(rb"\r\n|\r|\n")
 _NON_ASCII: Final = re.compile(r"[^\x00-\x7f]")
 _SNIFFED_LINES: Final = 10
 """The stdlib chooses between quoted-printable and base64 from the first ten lines."""
@@ -159,12 +160,9 @@ def _line_slices(text: str, size: int) -> Iterator[str]:
 
 
 def _crlf(text: str) -> bytes:
-    """What the stdlib's generator writes for a payload: every line break as CRLF, the
-    text as bytes (surrogate escapes back to the bytes they stand for)."""
-    data = text.encode("ascii", "surrogateescape")
-    if b"\r" not in data:
-        return data.replace(b"\n", b"\r\n")
-    return _LINE_BREAK_BYTES.sub(b"\r\n", data)
+    """What the stdlib's generator writes for a payload: the text as bytes (surrogate
+    escapes back to the bytes they stand for), every line break as CRLF."""
+    return crlf_line_breaks(text.encode("ascii", "surrogateescape"))
 
 
 def _line_safe(charset: str) -> bool:
@@ -190,6 +188,9 @@ class _Payload:
     sample: str | bytes = ""
     charset: str = "utf-8"
     part: email.message.Message | None = None
+    """The leaf of the light message's MIME tree that stands for this payload."""
+    encode: _Encoder | None = None
+    """How to encode the payload as the stdlib did its sample (see :func:`_encoder`)."""
 
     @property
     def token(self) -> str:
@@ -254,39 +255,43 @@ class _Plan:
     @classmethod
     def for_message(cls, message: EmailMessage, threshold: int) -> _Plan | None:
         """The plan, or None when no payload is large enough (or none can be streamed)."""
-        if not _has_large_payload(message, threshold) or not _builds_like_django(message):
-            return None  # the common case, decided without a copy
-        prefix = uuid.uuid4().hex[:16]
-        plan = cls(copy.copy(message))
+        if not _builds_like_django(message):
+            return None
         encoding = str(message.encoding or settings.DEFAULT_CHARSET)
+        payloads: list[_Payload] = []
+        prefix = ""
 
         def take(content: object, *, text: bool) -> object:
-            if isinstance(content, str) and text and len(content) >= threshold:
-                payload = _Payload(content, f"sm{prefix}{len(plan.payloads)}", charset=encoding)
-            elif isinstance(content, bytes) and not text and len(content) >= threshold:
-                payload = _Payload(content, f"sm{prefix}{len(plan.payloads)}")
-            else:
+            nonlocal prefix
+            if not isinstance(content, str if text else bytes) or len(content) < threshold:
                 return content
+            prefix = prefix or uuid.uuid4().hex[:16]
+            payload = _Payload(content, f"sm{prefix}{len(payloads)}", charset=encoding)
             if not payload.make_sample():
                 return content
-            plan.payloads.append(payload)
+            payloads.append(payload)
             return payload.sample
 
-        plan.light.body = cast(str, take(message.body, text=True))
-        alternatives = getattr(message, "alternatives", None)
+        body = take(message.body, text=True)
+        alternatives = [
+            _replaced(alternative, 0, take(alternative[0], text=_is_text(alternative[1])))
+            for alternative in getattr(message, "alternatives", None) or ()
+        ]
+        attachments = [
+            _replaced(attachment, 1, take(attachment[1], text=_is_text(attachment[2])))
+            if isinstance(attachment, tuple) and len(attachment) == 3
+            else attachment
+            for attachment in message.attachments or ()
+        ]
+        if not payloads:
+            return None  # the common case: nothing copied
+        light: Any = copy.copy(message)
+        light.body = body
         if alternatives:
-            cast(Any, plan.light).alternatives = [
-                _replaced(alternative, 0, take(alternative[0], text=_is_text(alternative[1])))
-                for alternative in alternatives
-            ]
-        if message.attachments:
-            plan.light.attachments = [
-                _replaced(attachment, 1, take(attachment[1], text=_is_text(attachment[2])))
-                if isinstance(attachment, tuple) and len(attachment) == 3
-                else attachment
-                for attachment in message.attachments
-            ]
-        return plan if plan.payloads else None
+            light.alternatives = alternatives
+        if attachments:
+            light.attachments = attachments
+        return cls(light, payloads)
 
     def serialize(self) -> list[bytes] | None:
         """The message's parts, or None when the light message does not reproduce the
@@ -294,7 +299,10 @@ class _Plan:
         mime = _build(self.light)
         for payload in self.payloads:
             payload.part = _find_part(mime, payload.marker)
-            if payload.part is None or _encoder(payload) is None:
+            if payload.part is None:
+                return None
+            payload.encode = _encoder(payload)
+            if payload.encode is None:
                 return None
             payload.part.set_payload(payload.token)
         skeleton = _as_bytes(mime)
@@ -312,9 +320,8 @@ class _Plan:
                 return None
             if before:
                 parts.append(before)
-            encode = _encoder(payload)
-            assert encode is not None
-            for chunk in encode(payload):
+            assert payload.encode is not None
+            for chunk in payload.encode(payload):
                 if any(boundary in chunk for boundary in boundaries):
                     # The payload holds a boundary drawn for the skeleton (whose check
                     # saw only the token; the stdlib's own misses it over CRLF anyway).
@@ -352,23 +359,6 @@ def _builds_like_django(message: EmailMessage) -> bool:
 
 
 _DJANGO_MAIL: Final = "django.core.mail.message"
-
-
-def _has_large_payload(message: EmailMessage, threshold: int) -> bool:
-    """Whether the body, an alternative or an attachment is ``threshold`` long or more."""
-
-    def large(content: object) -> bool:
-        return isinstance(content, (str, bytes)) and len(content) >= threshold
-
-    alternatives = getattr(message, "alternatives", None) or ()
-    attachments = message.attachments or ()
-    return (
-        large(message.body)
-        or any(isinstance(item, tuple) and large(item[0]) for item in alternatives)
-        or any(
-            isinstance(item, tuple) and len(item) == 3 and large(item[1]) for item in attachments
-        )
-    )
 
 
 def _is_text(mimetype: object) -> bool:

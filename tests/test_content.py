@@ -7,14 +7,27 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from django_socketmail.smtp.content import (
+    crlf_line_breaks,
     data_parts,
-    dot_stuff,
     has_8bit,
     normalize_line_endings,
     split_canonical,
     stuffed_parts,
-    terminate_data,
 )
+
+
+def reference_data(normalized: bytes) -> bytes:
+    """The DATA payload of CRLF-normalized content, line by line as RFC 5321 §4.5.2 says
+    (independent of the module's part-wise code): a leading dot doubled, then ``.CRLF``."""
+    lines = normalized.split(b"\r\n")[:-1]  # normalized content ends in CRLF (or is empty)
+    return b"".join((b"." if line.startswith(b".") else b"") + line + b"\r\n" for line in lines) + (
+        b".\r\n"
+    )
+
+
+def terminate_data(normalized: bytes) -> bytes:
+    """The module's DATA payload for one byte string of normalized content."""
+    return b"".join(data_parts(normalized))
 
 
 @pytest.mark.parametrize(
@@ -33,8 +46,22 @@ def test_normalize(raw: bytes, expected: bytes) -> None:
     assert normalize_line_endings(raw) == expected
 
 
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [(b"a\nb", b"a\r\nb"), (b"a\rb\r", b"a\r\nb\r\n"), (b"a\r\n\nb", b"a\r\n\r\nb"), (b"", b"")],
+)
+def test_crlf_line_breaks_adds_nothing_at_the_end(raw: bytes, expected: bytes) -> None:
+    assert crlf_line_breaks(raw) == expected
+
+
+def test_crlf_line_breaks_copies_nothing_in_crlf_form() -> None:
+    data = b"a\r\nb\r\nno final line break"
+    assert crlf_line_breaks(data) is data
+
+
 def test_dot_stuffing_first_and_inner_lines() -> None:
-    assert dot_stuff(b".a\r\nb\r\n.\r\n..c\r\n") == b"..a\r\nb\r\n..\r\n...c\r\n"
+    stuffed = b"".join(stuffed_parts([b".a\r\nb\r\n.\r\n..c\r\n"]))
+    assert stuffed == b"..a\r\nb\r\n..\r\n...c\r\n"
 
 
 def test_terminate_data_exact_bytes() -> None:
@@ -70,7 +97,7 @@ def test_split_canonical_copies_nothing_for_crlf_messages() -> None:
     assert content == (message,)
     assert content[0] is message
     assert tail == b"\r\n"
-    assert b"".join(data_parts(content, tail)) == terminate_data(normalize_line_endings(message))
+    assert b"".join(data_parts(content, tail)) == reference_data(normalize_line_endings(message))
 
 
 def test_canonical_parts_are_kept_as_they_are() -> None:
@@ -103,7 +130,7 @@ def test_dot_stuffing_across_parts_copies_no_part() -> None:
     # line does not; parts without an inner dot line are the very same objects.
     assert stuffed == [head, b".", body, rest]
     assert stuffed[0] is head and stuffed[2] is body and stuffed[3] is rest
-    assert b"".join(stuffed) == dot_stuff(head + body + rest)
+    assert b"".join(stuffed) + b".\r\n" == reference_data(head + body + rest)
     assert data_parts([head, body, rest])[-1] == b".\r\n"
 
 
@@ -118,4 +145,4 @@ _PIECES = st.lists(st.sampled_from([b"a", b"b", b".", b"\r", b"\n", b"\xe4"]), m
 def test_parts_give_the_bytes_of_the_joined_message(parts: list[bytes]) -> None:
     content, tail = split_canonical(parts)
     joined = b"".join(parts)
-    assert b"".join(data_parts(content, tail)) == terminate_data(normalize_line_endings(joined))
+    assert b"".join(data_parts(content, tail)) == reference_data(normalize_line_endings(joined))

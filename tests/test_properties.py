@@ -5,9 +5,9 @@
   chunking never changes the outcome.
 - ``prepare_address`` either refuses an address (``InvalidAddressError``, a ``ValueError``)
   or gives one that makes ``MAIL FROM``/``RCPT TO`` exactly one CRLF-terminated line.
-- ``terminate_data(normalize_line_endings(body))`` has no bare CR or LF, no lone ``.``
-  line but the last, stuffs every line that starts with a dot, and un-stuffing it (what a
-  receiver does) gives back the normalized body exactly.
+- the DATA payload of any body (``split_canonical`` then ``data_parts``) has no bare CR or
+  LF, no lone ``.`` line but the last, stuffs every line that starts with a dot, and
+  un-stuffing it (what a receiver does) gives back the normalized body exactly.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from django_socketmail.smtp.address import prepare_address
 from django_socketmail.smtp.commands import MailFrom, RcptTo
-from django_socketmail.smtp.content import normalize_line_endings, terminate_data
+from django_socketmail.smtp.content import data_parts, normalize_line_endings, split_canonical
 from django_socketmail.smtp.errors import InvalidAddressError, RemoteProtocolError
 from django_socketmail.smtp.reply import Reply, ReplyParser
 
@@ -160,7 +160,7 @@ _BARE = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 @example(b"")
 def test_data_payload_is_safe_and_reversible(body: bytes) -> None:
     normalized = normalize_line_endings(body)
-    payload = terminate_data(normalized)
+    payload = b"".join(data_parts(*split_canonical(body)))
     assert not _BARE.search(payload)
     assert payload.endswith(b".\r\n")
     assert payload == b".\r\n" or payload.endswith(b"\r\n.\r\n")

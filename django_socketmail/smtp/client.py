@@ -382,7 +382,7 @@ class SMTPClient:
         result.size = size
         lines = sum(part.count(b"\n") for part in content) + len(tail) // 2
         transaction = Transaction(
-            result, sender.addr_spec, (), list(result.recipients), content, lines, tail, size
+            result, sender.addr_spec, (), list(result.recipients), content, lines, tail
         )
         try:
             self._check_sendable(sender, envelope, size)

@@ -17,16 +17,25 @@ from typing import Final
 __all__ = [
     "Content",
     "as_parts",
+    "crlf_line_breaks",
     "data_parts",
-    "dot_stuff",
     "has_8bit",
     "normalize_line_endings",
     "split_canonical",
     "stuffed_parts",
-    "terminate_data",
 ]
 
 _LINE_ENDING: Final = re.compile(rb"\r\n|\r|\n")
+
+
+def crlf_line_breaks(data: bytes) -> bytes:
+    """``data`` with every CRLF, bare CR and bare LF as CRLF; nothing added at the end.
+    Data already in that form comes back as the same object (no copy)."""
+    if b"\r" not in data:
+        return data.replace(b"\n", b"\r\n")
+    if _is_canonical(data):
+        return data
+    return _LINE_ENDING.sub(b"\r\n", data)
 
 
 def normalize_line_endings(message: bytes) -> bytes:
@@ -34,13 +43,7 @@ def normalize_line_endings(message: bytes) -> bytes:
 
     An empty message stays empty.
     """
-    crlf = message.count(b"\r\n")
-    if crlf == message.count(b"\n") == message.count(b"\r"):
-        normalized = message  # already canonical (Django's output): no copy
-    elif b"\r" not in message:
-        normalized = message.replace(b"\n", b"\r\n")
-    else:
-        normalized = _LINE_ENDING.sub(b"\r\n", message)
+    normalized = crlf_line_breaks(message)
     if normalized and not normalized.endswith(b"\r\n"):
         normalized += b"\r\n"
     return normalized
@@ -75,11 +78,6 @@ def split_canonical(message: Content) -> tuple[tuple[bytes, ...], bytes]:
     return ((normalized,) if normalized else ()), b""
 
 
-def dot_stuff(normalized: bytes) -> bytes:
-    """Double the leading dot of every line of CRLF-normalized content (RFC 5321 §4.5.2)."""
-    return b"".join(stuffed_parts((normalized,)))
-
-
 def stuffed_parts(parts: Sequence[bytes]) -> list[bytes]:
     """CRLF-normalized content parts with the leading dot of every line doubled, copying
     no part without such a dot: a dot that starts a part gets a part of its own.  A part
@@ -100,11 +98,6 @@ def data_parts(normalized: Content, tail: bytes = b"") -> list[bytes]:
     (the same objects where no line starts with a dot), then ``tail`` with ``.CRLF``.  No
     copy of a large message is made to glue them."""
     return [*stuffed_parts(as_parts(normalized)), tail + b".\r\n"]
-
-
-def terminate_data(normalized: bytes) -> bytes:
-    """The full DATA payload for CRLF-normalized content, as one byte string."""
-    return b"".join(data_parts(normalized))
 
 
 def has_8bit(message: Content) -> bool:

@@ -87,17 +87,17 @@ class Transaction:
     lines: int = 0
     tail: bytes = b""
     """A final CRLF the message lacked, sent after ``content`` (see ``split_canonical``)."""
-    size: int = -1
-    """Octets of the message as sent (before dot-stuffing); computed when not given."""
+
     stage: Stage = Stage.QUEUED
     mail_reply: Reply | None = None
     rcpt_replies: list[Reply] = field(default_factory=list)
     data_reply: Reply | None = None
     final_reply: Reply | None = None
 
-    def __post_init__(self) -> None:
-        if self.size < 0:
-            self.size = sum(map(len, self.content)) + len(self.tail)
+    @property
+    def size(self) -> int:
+        """Octets of the message as sent (before dot-stuffing)."""
+        return sum(map(len, self.content)) + len(self.tail)
 
     @property
     def recipients_accepted(self) -> bool:
@@ -143,7 +143,6 @@ class Transaction:
                 self.content,
                 self.lines,
                 self.tail,
-                self.size,
             )
         data = self.data_reply
         if data is not None and data.code != SMTPStatus.start_input:
