@@ -439,6 +439,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def end_child(process: subprocess.Popen[bytes]) -> None:
+    """End a child that stops at end of input: close its stdin, wait up to 10 s, then kill."""
+    assert process.stdin is not None
+    with contextlib.suppress(OSError):
+        process.stdin.close()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 class ProxyProcess:
     """Run ``proxy.py`` as a child process and talk to it (its CPU is not ours).
 
@@ -494,15 +506,8 @@ class ProxyProcess:
         process, self._process = self._process, None
         if process is None:
             return
-        assert process.stdin is not None
+        end_child(process)
         assert process.stdout is not None
-        with contextlib.suppress(OSError):
-            process.stdin.close()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
         process.stdout.close()
 
     def _ask(self, command: str) -> str:

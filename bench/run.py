@@ -64,7 +64,7 @@ from django.core.mail.backends.base import BaseEmailBackend  # noqa: E402
 from django.core.mail.backends.smtp import EmailBackend as DjangoSMTPBackend  # noqa: E402
 from django.utils.functional import cached_property  # noqa: E402
 
-from bench.proxy import ProxyProcess, Route, measure_rtt  # noqa: E402
+from bench.proxy import ProxyProcess, Route, end_child, measure_rtt  # noqa: E402
 
 HOST: Final = "127.0.0.1"
 SBIN: Final = "/usr/sbin:/sbin:/usr/bin:/bin"
@@ -297,16 +297,8 @@ class SmtpSink:
 
     def stop(self) -> None:
         process, self._process = self._process, None
-        if process is None:
-            return
-        assert process.stdin is not None
-        with contextlib.suppress(OSError):
-            process.stdin.close()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        if process is not None:
+            end_child(process)
 
 
 class PostfixServer:

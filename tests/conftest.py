@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import ssl
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+import trustme
 
 from django_socketmail.email_backend import EmailBackend
 from django_socketmail.localserver import LocalSMTPServer
@@ -17,6 +19,20 @@ PASSWORD = "correct horse battery staple"
 UTF8_USER = "jürgen"
 UTF8_PASSWORD = "pässwörd-€"
 USERS = {USER: PASSWORD, UTF8_USER: UTF8_PASSWORD}
+
+
+@pytest.fixture(scope="session")
+def ca() -> trustme.CA:
+    """A throwaway certificate authority for the hostile servers' TLS."""
+    return trustme.CA()
+
+
+@pytest.fixture(scope="session")
+def server_tls(ca: trustme.CA) -> ssl.SSLContext:
+    """A server-side TLS context with a certificate for 127.0.0.1 and localhost."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1", "localhost").configure_cert(context)
+    return context
 
 
 def refuse_nobody(address: str) -> tuple[int, str] | None:

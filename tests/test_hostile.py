@@ -131,22 +131,16 @@ def _no_leaks(no_leaks: None) -> None:
 
 
 @pytest.fixture(scope="module")
-def ca() -> trustme.CA:
-    return trustme.CA()
-
-
-@pytest.fixture(scope="module")
 def ca_path(ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> str:
     path = tmp_path_factory.mktemp("hostile-ca") / "ca.pem"
     ca.cert_pem.write_to_path(str(path))
     return str(path)
 
 
-@pytest.fixture(scope="module")
-def server_tls(ca: trustme.CA) -> ssl.SSLContext:
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("127.0.0.1", "localhost").configure_cert(context)
-    return context
+@pytest.fixture
+def starttls_options(server_tls: ssl.SSLContext, ca_path: str) -> dict[str, Any]:
+    """Scenario options for a server offering STARTTLS and a backend using it with AUTH."""
+    return {"tls_context": server_tls, "use_tls": True, "ssl_cafile": ca_path, **CREDENTIALS}
 
 
 @dataclass
@@ -525,7 +519,7 @@ def test_extra_334_step_after_password(
 
 @quiet_or_not
 def test_starttls_refused(
-    scenario: ScenarioFactory, quiet: bool, server_tls: ssl.SSLContext, ca_path: str
+    scenario: ScenarioFactory, quiet: bool, starttls_options: dict[str, Any]
 ) -> None:
     hostile = standard_session(
         {"STARTTLS": reply(454, "4.7.0 TLS not available")}, extensions=STARTTLS_EXTENSIONS
@@ -534,10 +528,7 @@ def test_starttls_refused(
         hostile,
         good_session(STARTTLS_EXTENSIONS),
         quiet=quiet,
-        tls_context=server_tls,
-        use_tls=True,
-        ssl_cafile=ca_path,
-        **CREDENTIALS,
+        **starttls_options,
     )
     error = sc.send([message()], count=0, raises=NotSupportedError)
     if not quiet:
@@ -550,7 +541,7 @@ def test_starttls_refused(
 
 @quiet_or_not
 def test_starttls_response_injection(
-    scenario: ScenarioFactory, quiet: bool, server_tls: ssl.SSLContext, ca_path: str
+    scenario: ScenarioFactory, quiet: bool, starttls_options: dict[str, Any]
 ) -> None:
     """Plaintext right after the 220 would be read as if it came under TLS: fail."""
     hostile = Script(
@@ -567,10 +558,7 @@ def test_starttls_response_injection(
         hostile,
         good_session(STARTTLS_EXTENSIONS),
         quiet=quiet,
-        tls_context=server_tls,
-        use_tls=True,
-        ssl_cafile=ca_path,
-        **CREDENTIALS,
+        **starttls_options,
     )
     error = sc.send([message()], count=0, raises=RemoteProtocolError)
     if not quiet:
@@ -584,16 +572,13 @@ def test_starttls_response_injection(
 
 @quiet_or_not
 def test_starttls_not_advertised_but_required(
-    scenario: ScenarioFactory, quiet: bool, server_tls: ssl.SSLContext, ca_path: str
+    scenario: ScenarioFactory, quiet: bool, starttls_options: dict[str, Any]
 ) -> None:
     sc = scenario(
         standard_session(),
         good_session(STARTTLS_EXTENSIONS),
         quiet=quiet,
-        tls_context=server_tls,
-        use_tls=True,
-        ssl_cafile=ca_path,
-        **CREDENTIALS,
+        **starttls_options,
     )
     error = sc.send([message()], count=0, raises=NotSupportedError)
     if not quiet:
