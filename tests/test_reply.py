@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from django_socketmail.smtp.errors import RemoteProtocolError
-from django_socketmail.smtp.reply import Reply, ReplyParser
+from django_socketmail.smtp.reply import Reply, ReplyParser, escape_controls
 
 
 def parse_all(data: bytes, **limits: int) -> list[Reply]:
@@ -105,3 +107,78 @@ def test_discard_returns_buffered_bytes() -> None:
     assert parser.next_reply() == Reply(220, ("go ahead",))
     assert parser.discard() == b"250 injected\r\n"
     assert parser.next_reply() is None
+
+
+# -- server text is data: control characters come out escaped ---------------------------
+
+HOSTILE_CHARACTERS = [
+    ("\x00", "\\x00"),
+    ("\x07", "\\x07"),
+    ("\x0b", "\\x0b"),
+    ("\x0c", "\\x0c"),
+    ("\r", "\\r"),
+    ("\x1b", "\\x1b"),
+    ("\x7f", "\\x7f"),
+    ("\x85", "\\x85"),
+    ("\x9b", "\\x9b"),
+    ("\u2028", "\\u2028"),
+    ("\u2029", "\\u2029"),
+    ("\u202e", "\\u202e"),
+    ("\u2066", "\\u2066"),
+]
+
+
+@pytest.mark.parametrize(("raw", "escaped"), HOSTILE_CHARACTERS)
+def test_control_characters_in_a_reply_line_come_out_escaped(raw: str, escaped: str) -> None:
+    (reply,) = parse_all(f"550 5.7.1 denied{raw}C: MAIL FROM:<ceo@bank.example>\r\n".encode())
+    assert reply.lines == (f"5.7.1 denied{escaped}C: MAIL FROM:<ceo@bank.example>",)
+    assert "\n" not in str(reply)
+    assert str(reply).splitlines() == [str(reply)]
+
+
+def test_terminal_escape_sequences_are_inert() -> None:
+    data = (
+        b"250-\x1b]52;c;ZXZpbA==\x07\r\n250-\x1b]0;title\x07\x1b[2J\r\n250 550 denied\r250 ok\r\n"
+    )
+    (reply,) = parse_all(data)
+    assert reply.lines == (
+        "\\x1b]52;c;ZXZpbA==\\x07",
+        "\\x1b]0;title\\x07\\x1b[2J",
+        "550 denied\\r250 ok",
+    )
+
+
+def test_tab_and_printable_unicode_are_kept() -> None:
+    (reply,) = parse_all("250 a\tb caf\u00e9 \u65e5\u672c \\x1b stays\r\n".encode())
+    assert reply.lines == ("a\tb caf\u00e9 \u65e5\u672c \\x1b stays",)
+
+
+def test_nul_never_reaches_the_reply_text() -> None:
+    (reply,) = parse_all(b"250-a\x00b\r\n250 \x00\r\n")
+    assert "\x00" not in str(reply)
+    assert reply.lines == ("a\\x00b", "\\x00")
+
+
+def test_escape_controls_is_idempotent() -> None:
+    text = "".join(raw for raw, _ in HOSTILE_CHARACTERS) + "\t\\ plain"
+    once = escape_controls(text)
+    assert escape_controls(once) == once
+    assert once == "".join(escaped for _, escaped in HOSTILE_CHARACTERS) + "\t\\ plain"
+
+
+@given(st.text())
+def test_escaped_text_is_one_inert_line(text: str) -> None:
+    escaped = escape_controls(text)
+    assert len(escaped.splitlines()) <= 1
+    assert not any((ord(c) < 0x20 and c != "\t") or 0x7F <= ord(c) <= 0x9F for c in escaped)
+    assert escape_controls(escaped) == escaped
+
+
+@given(st.binary(max_size=300))
+def test_any_bytes_in_a_reply_line_make_one_inert_line(data: bytes) -> None:
+    line = data.replace(b"\n", b"")
+    (reply,) = parse_all(b"250 " + line + b"\r\n")
+    assert len(reply.lines) == 1
+    assert len(str(reply).split("\n")) == 1
+    assert len(str(reply).splitlines()) == 1
+    assert "\x00" not in reply.text

@@ -10,6 +10,11 @@ The parser holds at most :data:`MAX_LINE_LENGTH` bytes of an unfinished line and
 :data:`MAX_REPLY_LINES` lines of one reply, so a hostile server cannot make us buffer
 without end (RFC 5321 §4.5.3.1 bounds a reply line at 512 octets; extensions exceed it,
 so we accept far more, but not without limit).
+
+Server text is data: every reply line is passed through :func:`escape_controls` as it is
+decoded, so whoever reads a :class:`Reply` parsed here (transcript, exceptions, results,
+audit rows, admin, terminal) gets a line with no control character, no line separator, no
+NUL and no bidirectional override in it.
 """
 
 from __future__ import annotations
@@ -21,13 +26,53 @@ from typing import Final
 
 from .errors import RemoteProtocolError
 
-__all__ = ["MAX_LINE_LENGTH", "MAX_REPLY_LINES", "Reply", "ReplyParser", "SMTPStatus"]
+__all__ = [
+    "MAX_LINE_LENGTH",
+    "MAX_REPLY_LINES",
+    "Reply",
+    "ReplyParser",
+    "SMTPStatus",
+    "escape_controls",
+]
 
 MAX_LINE_LENGTH: Final = 8192
 """Longest reply line we accept, CRLF included (RFC 5321 says 512; extensions say more)."""
 
 MAX_REPLY_LINES: Final = 200
 """Most lines one reply may have; a server listing more is treated as hostile."""
+
+
+_ESCAPED: Final = re.compile(
+    "[\x00-\x08\x0a-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]"
+)
+"""What :func:`escape_controls` rewrites: C0 controls except TAB, DEL, C1 controls (NEL and
+CSI among them), U+2028/U+2029 (line and paragraph separators) and the bidirectional
+marks, embeddings, overrides and isolates (U+061C, U+200E/F, U+202A-E, U+2066-9)."""
+
+_SHORT_ESCAPES: Final = {"\n": "\\n", "\r": "\\r"}
+
+
+def _escape(match: re.Match[str]) -> str:
+    char = match.group()
+    if char in _SHORT_ESCAPES:
+        return _SHORT_ESCAPES[char]
+    code = ord(char)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def escape_controls(text: str) -> str:
+    """Return ``text`` with each character of :data:`_ESCAPED` written as a visible escape.
+
+    CR and LF become ``\\r`` and ``\\n``, other characters below U+0100 ``\\xNN``
+    (``\\x1b``, ``\\x00``, ``\\x85``), the others ``\\uNNNN`` (``\\u2028``).  TAB and
+    every printable character, backslash included, are kept as they are: the result is meant
+    to be read, not decoded, and escaping it again changes nothing (a test proves both).  So
+    the result holds no line break for ``str.splitlines()``, no terminal control sequence
+    introducer and no NUL.
+    """
+    if _ESCAPED.search(text) is None:
+        return text
+    return _ESCAPED.sub(_escape, text)
 
 
 class SMTPStatus(IntEnum):
@@ -69,8 +114,9 @@ _ENHANCED_STATUS: Final = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?=\s|$)")
 class Reply:
     """One complete server reply.
 
-    ``lines`` holds the text of each line after the code and its separator, decoded as
-    UTF-8 with undecodable bytes replaced (servers may send anything).  ``str(reply)`` is
+    ``lines`` holds the text of each line after the code and its separator.  Replies made by
+    :class:`ReplyParser` have it decoded as UTF-8 with undecodable bytes replaced (servers
+    may send anything) and passed through :func:`escape_controls`.  ``str(reply)`` is
     the reply as it stood on the wire, one line per line, without CRLF.
     """
 
@@ -133,7 +179,10 @@ class ReplyParser:
     """Incremental, bounded reply parser: :meth:`feed` bytes, take :meth:`next_reply`.
 
     Lines end in CRLF; a bare LF is tolerated (as most clients do), a CR before it is
-    dropped.  Raises :class:`RemoteProtocolError` for a line that is not a reply line, a
+    dropped.  Any other CR, and every control character, is escaped in the text (see
+    :func:`escape_controls`): one line on the wire is one line of the reply.
+
+    Raises :class:`RemoteProtocolError` for a line that is not a reply line, a
     multi-line reply whose codes disagree, a line longer than ``max_line_length`` or a reply
     longer than ``max_lines`` lines.  After an error the parser is unusable: the session
     must be abandoned.
@@ -153,6 +202,12 @@ class ReplyParser:
     def buffered(self) -> int:
         """How many received bytes are not yet part of a complete reply."""
         return len(self._buffer) + sum(len(line) for line in self._lines)
+
+    def peek(self, count: int) -> bytes:
+        """Up to ``count`` leading bytes of what is buffered, left in place."""
+        if self._lines:  # inside a multi-line reply: its code is what comes first
+            return str(self._code).encode()[:count]
+        return bytes(self._buffer[:count])
 
     def feed(self, data: bytes) -> None:
         """Add bytes received from the server."""
@@ -201,7 +256,7 @@ class ReplyParser:
                     f"reply line code {code} differs from {self._code} earlier in the same reply"
                 )
             self._code = code
-            self._lines.append(raw[4:].decode("utf-8", "replace"))
+            self._lines.append(escape_controls(raw[4:].decode("utf-8", "replace")))
             if match.group(2) != b"-":
                 reply = Reply(code, tuple(self._lines))
                 self._code = None

@@ -4,8 +4,11 @@ It is the single record that the audit log stores, that ``sendtestmail`` prints 
 the ``django_socketmail.smtp`` logger emits at DEBUG.  Nothing else records the
 conversation.  Client lines arrive already redacted (see :mod:`.commands`); message
 content is summarized as a byte and line count; server lines are kept as received
-(decoded with replacement).  To stay bounded on a long session the transcript keeps at most
-:data:`MAX_TRANSCRIPT_LINES` lines and counts the rest.
+(decoded with replacement).  Every recorded line, whoever wrote it, goes through
+:func:`.reply.escape_controls`, so one recorded line is one line of text: a CR, VT, FF, NEL,
+U+2028 or U+2029 inside a server line cannot make it render as several rows, and no NUL or
+terminal control sequence is recorded.  To stay bounded on a long session the transcript
+keeps at most :data:`MAX_TRANSCRIPT_LINES` lines and counts the rest.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
+
+from .reply import escape_controls
 
 __all__ = ["Direction", "Transcript", "TranscriptLine"]
 
@@ -54,10 +59,17 @@ class Transcript:
     """An append-only, bounded list of :class:`TranscriptLine`, with listeners.
 
     Listeners are called for every line as it is recorded (``sendtestmail`` prints with
-    one); an exception in a listener propagates.
+    one); an exception in a listener propagates.  ``clock`` gives the seconds that
+    :attr:`TranscriptLine.elapsed` counts from the transcript's creation (a test passes a
+    fake one).
     """
 
-    def __init__(self, *, max_lines: int = MAX_TRANSCRIPT_LINES) -> None:
+    def __init__(
+        self,
+        *,
+        max_lines: int = MAX_TRANSCRIPT_LINES,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.lines: list[TranscriptLine] = []
         self.omitted = 0
         self.tap: list[TranscriptLine] | None = None
@@ -65,7 +77,8 @@ class Transcript:
         self.untapped: list[TranscriptLine] = []
         """Lines recorded while no tap was set (the session's own), until taken."""
         self._max_lines = max_lines
-        self._started = time.monotonic()
+        self._clock = clock
+        self._started = clock()
         self._listeners: list[Listener] = []
 
     def subscribe(self, listener: Listener) -> None:
@@ -94,16 +107,18 @@ class Transcript:
         return lines
 
     def render(self) -> str:
-        """The whole transcript as text, one ``C: ``/``S: ``/``*: `` line each."""
+        """The whole transcript as text, one ``C: ``/``S: ``/``*: `` line each, joined by
+        ``\\n``: split it on ``\\n`` (or with ``splitlines()``) to get the lines back."""
         text = "\n".join(str(line) for line in self.lines)
         if self.omitted:
             text += f"\n*: [{self.omitted} more lines not kept]"
         return text
 
     def _record(self, direction: Direction, text: str) -> None:
+        text = escape_controls(text)
         if len(text) > MAX_TRANSCRIPT_LINE_CHARS:
             text = text[:MAX_TRANSCRIPT_LINE_CHARS] + f"... [{len(text)} characters]"
-        line = TranscriptLine(direction, text, time.monotonic() - self._started)
+        line = TranscriptLine(direction, text, self._clock() - self._started)
         if len(self.lines) < self._max_lines:
             self.lines.append(line)
         else:
