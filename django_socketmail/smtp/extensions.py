@@ -7,7 +7,8 @@ case-insensitive.  Old servers advertise ``AUTH=LOGIN`` (with ``=``): it is read
 A server may send anything: a line whose keyword is outside the RFC's grammar is ignored,
 and a value that does not parse (``SIZE ²``, ``SIZE -1``, 5,000 digits) reads as if the
 extension had no value, never as an exception.  Only ASCII letters and digits count, so
-``str.upper()`` cannot turn a look-alike ("STARTTLS" spelt with the long s, U+017F) into a keyword.
+``str.upper()`` cannot turn a look-alike ("STARTTLS" spelt with the long s, U+017F) into
+a keyword.
 """
 
 from __future__ import annotations
