@@ -4,15 +4,29 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
 from django.core.management import CommandError, call_command
 
 from django_socketmail.localserver import LocalSMTPServer
+from django_socketmail.management.commands import sendtestmail
+from django_socketmail.management.commands.sendtestmail import (
+    EXIT_SESSION_FAILED,
+    EXIT_SOFTWARE,
+    EXIT_USAGE,
+)
 from django_socketmail.models import MessageLog
 
 from .conftest import PASSWORD, USER
+from .hostile.server import HostileSMTPServer, Script, cycle, reply, standard_session
+
+ROOT = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -100,38 +114,47 @@ def test_partial_is_exit_1(starttls_server: LocalSMTPServer) -> None:
     assert "nobody@example.com: refused (550 5.1.1" in out
 
 
-DIAGNOSES: list[tuple[str, dict[str, Any], list[str], str]] = [
-    ("refused recipients", {}, ["nobody@example.com"], "refused every recipient"),
-    ("wrong password", {}, ["--user", USER, "x@example.com"], "Wrong user name or password"),
+DIAGNOSES: list[tuple[str, dict[str, Any], list[str], str, int]] = [
+    ("refused recipients", {}, ["nobody@example.com"], "refused every recipient", 2),
+    (
+        "wrong password",
+        {},
+        ["--user", USER, "x@example.com"],
+        "Wrong user name or password",
+        EXIT_SESSION_FAILED,
+    ),
     (
         "mechanism not offered",
         {"mechanisms": ("PLAIN",)},
         ["--user", USER, "--auth", "CRAM-MD5", "x@example.com"],
         "change --auth",
+        EXIT_SESSION_FAILED,
     ),
     (
         "too large",
         {"size_limit": 500},
         ["--body", "x" * 2000, "x@example.com"],
         "send a smaller message",
+        2,
     ),
 ]
 
 
-@pytest.mark.parametrize(("case", "server_options", "args", "hint"), DIAGNOSES)
+@pytest.mark.parametrize(("case", "server_options", "args", "hint", "expected"), DIAGNOSES)
 def test_diagnoses_on_a_starttls_server(
     monkeypatch: pytest.MonkeyPatch,
     case: str,
     server_options: dict[str, Any],
     args: list[str],
     hint: str,
+    expected: int,
 ) -> None:
     monkeypatch.setenv("SOCKETMAIL_PASSWORD", "not-the-password")
     users = {USER: PASSWORD}
     refuse = lambda a: (550, "5.1.1 no such user") if a.startswith("nobody") else None  # noqa: E731
     with LocalSMTPServer(users=users, refuse_recipients=refuse, **server_options) as server:
         status, out = run(*target(server, *args))
-    assert status == 2, case
+    assert status == expected, case
     assert hint in out, out
     assert "not-the-password" not in out
     assert PASSWORD not in out
@@ -141,13 +164,13 @@ def test_connection_refused() -> None:
     with LocalSMTPServer(tls="none") as gone:
         port = gone.port
     status, out = run("--host", "127.0.0.1", "--port", str(port), "x@example.com")
-    assert status == 2
+    assert status == EXIT_SESSION_FAILED
     assert "Nothing accepts connections on 127.0.0.1" in out
 
 
 def test_starttls_not_offered(plain_server: LocalSMTPServer) -> None:
     status, out = run(*target(plain_server, "--tls", "x@example.com"))
-    assert status == 2
+    assert status == EXIT_SESSION_FAILED
     assert "does not offer STARTTLS" in out
     assert plain_server.messages == []
 
@@ -155,7 +178,7 @@ def test_starttls_not_offered(plain_server: LocalSMTPServer) -> None:
 def test_implicit_tls_expected(implicit_server: LocalSMTPServer) -> None:
     args = ["--host", "127.0.0.1", "--port", str(implicit_server.port), "--tls", "--timeout", "1"]
     status, out = run(*args, "x@example.com")
-    assert status == 2
+    assert status == EXIT_SESSION_FAILED
     assert "implicit TLS" in out
     assert "--ssl" in out
 
@@ -163,7 +186,7 @@ def test_implicit_tls_expected(implicit_server: LocalSMTPServer) -> None:
 def test_ssl_against_a_starttls_port(starttls_server: LocalSMTPServer) -> None:
     args = ["--host", "127.0.0.1", "--port", str(starttls_server.port), "--ssl", "--timeout", "2"]
     status, out = run(*args, "--ca-file", starttls_server.ca_cert_path, "x@example.com")
-    assert status == 2
+    assert status == EXIT_SESSION_FAILED
     assert "use --tls" in out
 
 
@@ -171,19 +194,250 @@ def test_certificate_not_trusted(starttls_server: LocalSMTPServer) -> None:
     status, out = run(
         "--host", "127.0.0.1", "--port", str(starttls_server.port), "--tls", "x@example.com"
     )
-    assert status == 2
+    assert status == EXIT_SESSION_FAILED
     assert "--ca-file" in out
 
 
 def test_auth_not_offered_before_starttls(starttls_server: LocalSMTPServer, password: str) -> None:
     args = ["--host", "127.0.0.1", "--port", str(starttls_server.port), "--no-tls"]
     status, out = run(*args, "--user", USER, "x@example.com")
-    assert status == 2
+    assert status == EXIT_SESSION_FAILED
     assert "add --tls" in out
 
 
 def test_cleartext_auth_refused(plain_server: LocalSMTPServer, password: str) -> None:
     status, out = run(*target(plain_server, "--user", USER, "--auth", "PLAIN", "x@example.com"))
-    assert status == 2
+    assert status == EXIT_SESSION_FAILED
     assert "without encryption" in out
     assert password not in out
+
+
+# -- server text and user text reach the terminal inert (CWE-150) ---------------------------
+
+# What a terminal would act on: ESC (CSI, OSC), BEL, a bare CR, NUL, C1 controls (CSI is
+# U+009B), the line and paragraph separators, bidirectional overrides.
+TERMINAL_CONTROLS = re.compile(
+    "[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]"
+)
+OSC52 = "\x1b]52;c;cm0gLXJmIH4K\x07"
+TITLE = "\x1b]0;pwned\x07"
+CLEAR = "\x1b[2J\x1b[H"
+
+
+def hostile_escapes() -> Script:
+    """A server that tries every terminal trick in its greeting, EHLO, RCPT and final reply."""
+    return standard_session(
+        {
+            "RCPT": cycle(
+                reply(250, f"2.1.5 ok {OSC52}"),
+                reply(550, "5.7.1 relaying denied\r250 2.1.5 ok \u009b2J\u2028\u202e"),
+            ),
+            ".": reply(250, f"2.0.0 queued as X{CLEAR}"),
+        },
+        greeting=f"hostile.test ESMTP {TITLE}",
+        hostname=f"hostile.test {OSC52}",
+    )
+
+
+def hostile_args(server: HostileSMTPServer, *extra: str) -> list[str]:
+    return ["--host", server.host, "--port", str(server.port), "--no-tls", "--timeout", "3", *extra]
+
+
+def assert_inert(text: str) -> None:
+    found = TERMINAL_CONTROLS.findall(text)
+    assert not found, f"raw control characters {found!r} in {text!r}"
+
+
+def test_server_escape_sequences_are_printed_inert() -> None:
+    with HostileSMTPServer(hostile_escapes()) as server:
+        status, out = run(*hostile_args(server), "ok@example.com", "denied@example.com")
+    assert status == 1, out
+    assert_inert(out)
+    assert "<-  220 hostile.test ESMTP \\x1b]0;pwned\\x07" in out
+    assert "denied@example.com: refused (550 5.7.1 relaying denied\\r250 2.1.5 ok \\x9b2J" in out
+    assert "Reply:      250 2.0.0 queued as X\\x1b[2J\\x1b[H" in out
+
+
+def test_server_escape_sequences_in_errors_and_hints_are_inert() -> None:
+    script = standard_session(
+        {"RCPT": reply(550, f"5.7.1 denied {TITLE}\r250 ok")}, greeting=f"hi {OSC52}"
+    )
+    with HostileSMTPServer(script) as server:
+        status, out = run(*hostile_args(server), "denied@example.com")
+    assert status == 2, out
+    assert_inert(out)
+    assert "ERROR: The server refused every recipient" in out
+    assert "\\x1b]0;pwned\\x07\\r250 ok" in out
+
+
+def test_user_text_echoed_by_the_local_server_is_inert() -> None:
+    status, out = run("--local-server", "--body", f"body {CLEAR}{TITLE}\x85", "you@example.com")
+    assert status == 0, out
+    assert_inert(out)
+    assert "  | body \\x1b[2J\\x1b[H\\x1b]0;pwned\\x07\\x85" in out
+
+
+def test_host_name_with_escapes_is_inert_in_the_hint() -> None:
+    status, out = run("--host", f"no{CLEAR}.invalid", "--timeout", "2", "x@example.com")
+    assert status == EXIT_SESSION_FAILED, out
+    assert_inert(out)
+    assert "no\\x1b[2J\\x1b[H.invalid" in out
+
+
+def test_json_output_stays_json_and_inert() -> None:
+    with HostileSMTPServer(hostile_escapes()) as server:
+        status, out = run(*hostile_args(server, "--json"), "ok@example.com", "denied@example.com")
+    assert status == 1
+    assert_inert(out)
+    report = json.loads(out.partition("\nERROR: ")[0])
+    assert report["recipients"]["denied@example.com"]["reply"].startswith(
+        "550 5.7.1 relaying denied\\r250 2.1.5 ok \\x9b2J\\u2028\\u202e"
+    )
+    assert report["greeting"] == "220 hostile.test ESMTP \\x1b]0;pwned\\x07"
+
+
+# -- exit statuses: usage errors, session failures, refusals; never a traceback -------------
+
+
+def test_hostile_size_value_does_not_stop_the_send() -> None:
+    for value in ("\u00b2", "1" * 5000, "-1", "1e9"):
+        script = standard_session(extensions=["PIPELINING", f"SIZE {value}"])
+        with HostileSMTPServer(script) as server:
+            status, out = run(*hostile_args(server), "x@example.com")
+            assert status == 0, (value, out)
+            assert len(server.messages) == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--subject", "hi\r\nBcc: victim@example.com"], "--subject"),
+        (["--subject", "hi\nBcc: victim@example.com"], "--subject"),
+        (["--from", "a@example.com\r\nBcc: victim@example.com"], "--from"),
+        (["--from", "not an address"], "--from"),
+        (["--ca-file", "/nonexistent/ca.pem"], "/nonexistent/ca.pem"),
+        (["--auth", "NOPE"], "NOPE"),
+        (["--timeout", "-1"], "--timeout"),
+        (["--timeout", "0"], "--timeout"),
+        (["--timeout", "nan"], "--timeout"),
+        (["--timeout", "inf"], "--timeout"),
+        (["--port", "0"], "port"),
+        (["--port", "abc"], "--port"),
+        (["--tls", "--ssl"], "--ssl"),
+    ],
+)
+def test_usage_errors_are_one_line_with_their_own_status(args: list[str], message: str) -> None:
+    with HostileSMTPServer(standard_session()) as server:
+        status, out = run(*hostile_args(server)[:4], *args, "x@example.com")
+        assert server.connections == []  # found before anything was sent
+    assert status == EXIT_USAGE, out
+    error = out.partition("\nERROR: ")[2]
+    assert message in error
+    assert "\n" not in error
+    assert "Traceback" not in out
+
+
+def test_bad_recipient_and_no_recipient_are_usage_errors() -> None:
+    status, out = run("--host", "127.0.0.1", "--port", "9", f"bad{CLEAR}@example.com")
+    assert status == EXIT_USAGE, out
+    assert_inert(out)
+    status, out = run("--host", "127.0.0.1", "--port", "9")
+    assert status == EXIT_USAGE, out
+    assert "recipients" in out
+
+
+def test_session_failures_are_distinct_from_refusals(starttls_server: LocalSMTPServer) -> None:
+    with LocalSMTPServer(tls="none") as gone:
+        port = gone.port
+    status, out = run("--host", "127.0.0.1", "--port", str(port), "x@example.com")
+    assert status == EXIT_SESSION_FAILED, out
+    status, out = run(*target(starttls_server, "--check"))
+    assert status == 0, out
+    status, out = run(*target(starttls_server), "nobody@example.com")
+    assert status == 2, out
+
+
+def test_an_unexpected_error_is_one_line_not_a_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*args: object, **kwargs: object) -> None:
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(sendtestmail.Command, "_run", broken)
+    status, out = run("--host", "127.0.0.1", "--port", "9", "x@example.com")
+    assert status == EXIT_SOFTWARE
+    assert "KeyError" in out and "--traceback" in out
+    with pytest.raises(KeyError):
+        call_command("sendtestmail", "--traceback", "x@example.com", stdout=io.StringIO())
+
+
+# -- as a user runs it: a subprocess, its real exit status, stdout and stderr ---------------
+
+
+@pytest.fixture(scope="module")
+def settings_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Settings for a child process: the tests' settings without the (unmigrated) audit log."""
+    directory = tmp_path_factory.mktemp("settings")
+    (directory / "child_settings.py").write_text(
+        "from tests.settings import *  # noqa: F403\nSOCKETMAIL = {'audit_log': False}\n"
+    )
+    return directory
+
+
+def manage(
+    settings_dir: Path, *args: str, timeout: float = 30
+) -> subprocess.CompletedProcess[bytes]:
+    env = dict(
+        os.environ,
+        DJANGO_SETTINGS_MODULE="child_settings",
+        PYTHONPATH=os.pathsep.join([str(ROOT), str(settings_dir)]),
+    )
+    return subprocess.run(
+        [sys.executable, "-m", "django", "sendtestmail", *args],
+        capture_output=True,
+        timeout=timeout,
+        env=env,
+        cwd=ROOT,
+        check=False,
+    )
+
+
+def test_subprocess_hostile_server_output_is_inert(settings_dir: Path) -> None:
+    with HostileSMTPServer(hostile_escapes()) as server:
+        done = manage(settings_dir, *hostile_args(server), "ok@example.com", "denied@example.com")
+    stdout, stderr = done.stdout.decode(), done.stderr.decode()
+    assert done.returncode == 1, stdout + stderr
+    assert_inert(stdout)
+    assert_inert(stderr)
+    assert b"\r" not in done.stdout and b"\x1b" not in done.stdout + done.stderr
+    assert "relaying denied\\r250 2.1.5 ok" in stdout
+    assert stderr.count("\n") == 1 and "Traceback" not in stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "status"),
+    [
+        (["--subject", "hi\r\nBcc: victim@example.com", "x@example.com"], EXIT_USAGE),
+        (["--auth", "NOPE", "x@example.com"], EXIT_USAGE),
+        (["--timeout", "-1", "x@example.com"], EXIT_USAGE),
+        (["--ca-file", "/nonexistent/ca.pem", "x@example.com"], EXIT_USAGE),
+        (["--port", "abc", "x@example.com"], EXIT_USAGE),
+        (["--port", "9", "x@example.com"], EXIT_SESSION_FAILED),
+    ],
+)
+def test_subprocess_exit_status_without_traceback(
+    settings_dir: Path, args: list[str], status: int
+) -> None:
+    done = manage(settings_dir, "--host", "127.0.0.1", "--no-tls", "--timeout", "3", *args)
+    stderr = done.stderr.decode()
+    assert done.returncode == status, stderr
+    assert "Traceback" not in stderr
+    assert stderr.strip() and stderr.strip().splitlines()[-1].startswith(
+        ("CommandError: ", "manage.py sendtestmail: error: ", "__main__.py sendtestmail: error:")
+    )
+
+
+def test_help_documents_the_exit_statuses(settings_dir: Path) -> None:
+    done = manage(settings_dir, "--help")
+    assert done.returncode == 0
+    text = " ".join(done.stdout.decode().split())
+    for status in ("0", "1", "2", str(EXIT_SESSION_FAILED), str(EXIT_USAGE), str(EXIT_SOFTWARE)):
+        assert f"{status}:" in text or f"{status} " in text

@@ -1,35 +1,75 @@
 """``manage.py sendtestmail``: send a test message and show the SMTP conversation, like swaks.
 
-Exit status: 0 when every recipient was accepted (or ``--check`` passed), 1 when only some
-were, 2 when nothing was sent.  ``--json`` prints the result as one JSON object.
+Exit status (:data:`EXIT_STATUSES`): 0 every recipient accepted (or ``--check`` passed),
+1 some recipients refused, 2 nothing sent because the server refused the message (sender,
+every recipient, content or size), 3 nothing sent because no usable session was made
+(connection, timeout, TLS, AUTH, a server that broke the protocol or hung up), 64 a usage or
+configuration error found before connecting (like ``EX_USAGE`` of ``sysexits.h``), 70 an
+unexpected error (a bug: ``--traceback`` shows it).  Every error is one line.
+
+Every line printed goes through :func:`inert`: the server's text, and the user's, are
+printed with control characters escaped, so a server cannot move the cursor, clear the
+screen, set the window title, write the clipboard (OSC 52) or overwrite "550 relaying
+denied" with "250 ok" using a CR (CWE-150).  ``--json`` prints one JSON object with the
+same facts; its strings are escaped the same way.
 """
 
 from __future__ import annotations
 
 import getpass
 import json
+import math
 import os
+import re
 import socket
+import sys
 from contextlib import ExitStack
 from email.utils import make_msgid
-from typing import Any
+from typing import Any, Final, NoReturn
 
 import django
 from django.conf import settings
-from django.core.mail import EmailMessage
+from django.core.exceptions import ImproperlyConfigured
+from django.core.mail import BadHeaderError, EmailMessage
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.utils import termcolors
 
 from django_socketmail.diagnosis import diagnose
 from django_socketmail.email_backend import RESULT_ATTRIBUTE, EmailBackend
 from django_socketmail.smtp import (
+    DataError,
     InvalidAddressError,
+    LocalProtocolError,
+    MessageTooLargeError,
+    NotSupportedError,
+    RecipientsRefused,
+    SenderRefused,
     SendResult,
     SendStatus,
     SocketMailError,
     TranscriptLine,
 )
+from django_socketmail.smtp.address import prepare_address
+from django_socketmail.smtp.reply import escape_controls
 from django_socketmail.smtp.transcript import Direction
+
+EXIT_SENT: Final = 0
+EXIT_PARTIAL: Final = 1
+EXIT_REFUSED: Final = 2
+EXIT_SESSION_FAILED: Final = 3
+EXIT_USAGE: Final = 64
+EXIT_SOFTWARE: Final = 70
+EXIT_STATUSES: Final = {
+    EXIT_SENT: "every recipient accepted (or --check passed)",
+    EXIT_PARTIAL: "some recipients refused",
+    EXIT_REFUSED: "nothing sent: the server refused the sender, every recipient or the message",
+    EXIT_SESSION_FAILED: "nothing sent: no usable session (connection, timeout, TLS, AUTH, "
+    "protocol)",
+    EXIT_USAGE: "usage or configuration error, found before connecting",
+    EXIT_SOFTWARE: "unexpected error (a bug; --traceback shows it)",
+}
+_REFUSALS: Final = (SenderRefused, RecipientsRefused, DataError, MessageTooLargeError)
+_JSON_UNSAFE: Final = re.compile("[\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]")
 
 PASSWORD_ENV = "SOCKETMAIL_PASSWORD"  # noqa: S105 - a variable's name, not a password
 _COLORS = {
@@ -40,11 +80,51 @@ _COLORS = {
 _ARROWS = {Direction.CLIENT: " -> ", Direction.SERVER: "<-  ", Direction.INFO: " *  "}
 
 
+def inert(text: str) -> str:
+    """``text`` safe to print on a terminal: one line, control characters escaped.
+
+    The one function every printed line goes through (see
+    :func:`django_socketmail.smtp.reply.escape_controls`).
+    """
+    return escape_controls(text)
+
+
+def _seconds(value: str) -> float:
+    """``--timeout``: a finite number of seconds greater than 0."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ValueError(value)
+    return seconds
+
+
+_seconds.__name__ = "number of seconds > 0"  # argparse names the type in its message
+
+
 class Command(BaseCommand):
     help = (
         "Send a test email through django-socketmail and show the SMTP conversation. "
-        "Exit status 0: every recipient accepted; 1: some refused; 2: not sent."
+        "Exit status "
+        + "; ".join(f"{status}: {meaning}" for status, meaning in EXIT_STATUSES.items())
+        + "."
     )
+
+    def create_parser(self, prog_name: str, subcommand: str, **kwargs: Any) -> CommandParser:
+        """Django's parser, whose argument errors end with :data:`EXIT_USAGE`."""
+        parser = super().create_parser(prog_name, subcommand, **kwargs)
+
+        def usage_error(message: str) -> NoReturn:
+            line = inert(f"{parser.prog}: error: {message}")
+            if not parser.called_from_command_line:
+                raise CommandError(line, returncode=EXIT_USAGE)
+            # Django parses the command line outside its CommandError handler: exit here.
+            parser.print_usage(sys.stderr)
+            parser.exit(EXIT_USAGE, line + "\n")
+
+        parser.error = usage_error  # type: ignore[method-assign]
+        return parser
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("email", nargs="*", help="Recipient addresses.")
@@ -71,7 +151,7 @@ class Command(BaseCommand):
         parser.add_argument(
             "--auth", metavar="MECHANISM", help="AUTH mechanism(s), comma-separated."
         )
-        parser.add_argument("--timeout", type=float, help="Seconds allowed per reply.")
+        parser.add_argument("--timeout", type=_seconds, help="Seconds allowed per reply.")
         parser.add_argument("--ca-file", help="CA bundle (PEM) that signed the certificate.")
         parser.add_argument(
             "--check",
@@ -89,26 +169,40 @@ class Command(BaseCommand):
     # -- entry point ---------------------------------------------------------------------
 
     def handle(self, *args: Any, **options: Any) -> None:
+        self._json = options["json"]
+        self._color = self.stdout.isatty() and not options.get("no_color")
+        self._transcript: list[TranscriptLine] = []
+        try:
+            report = self._handle(options)
+        except CommandError as error:
+            raise CommandError(inert(str(error)), returncode=error.returncode) from None
+        except Exception as error:
+            if options.get("traceback"):
+                raise
+            message = f"unexpected {type(error).__name__}: {error} (--traceback shows where)"
+            raise CommandError(inert(message), returncode=EXIT_SOFTWARE) from None
+        self._finish(report)
+
+    def _handle(self, options: dict[str, Any]) -> dict[str, Any]:
         recipients = self._recipients(options)
         if not recipients and not options["check"]:
             raise CommandError(
                 "You must specify some email recipients, or pass the --managers or "
-                "--admins options."
+                "--admins options.",
+                returncode=EXIT_USAGE,
             )
-        self._json = options["json"]
-        self._color = self.stdout.isatty() and not options.get("no_color")
-        self._transcript: list[TranscriptLine] = []
         with ExitStack() as stack:
             overrides = self._overrides(options)
             server = None
             if options["local_server"]:
                 server = self._start_local_server(stack, options, overrides)
             backend = self._backend(options, overrides)
+            message = None if options["check"] else self._message(options, recipients)
             backend.transcript_listeners.append(self._on_line)
-            report = self._run(backend, options, recipients)
+            report = self._run(backend, message)
             if server is not None and not self._json:
                 self._show_received(server)
-        self._finish(report)
+        return report
 
     # -- configuration -------------------------------------------------------------------
 
@@ -151,7 +245,8 @@ class Command(BaseCommand):
             raise CommandError(
                 f"--user needs a password: set the environment variable "
                 f"{options['password_env']} or use --ask-password (never a command-line "
-                "argument, which other users can see in the process list)."
+                "argument, which other users can see in the process list).",
+                returncode=EXIT_USAGE,
             )
         return password
 
@@ -161,7 +256,7 @@ class Command(BaseCommand):
         try:
             from django_socketmail.localserver import LocalSMTPServer
         except ImportError as error:
-            raise CommandError(str(error)) from None
+            raise CommandError(str(error), returncode=EXIT_USAGE) from None
         server = stack.enter_context(LocalSMTPServer(tls="starttls", require_tls=True))
         ((user, password),) = server.users.items()
         overrides |= {
@@ -181,40 +276,61 @@ class Command(BaseCommand):
         return server
 
     def _backend(self, options: dict[str, Any], overrides: dict[str, Any]) -> EmailBackend:
+        """The backend with the settings and the options, or a usage error (nothing sent)."""
         alias = options["using"]
         mailers = getattr(settings, "MAILERS", None) if django.VERSION >= (6, 1) else None
         if alias is not None and mailers is None:
-            raise CommandError("--using needs MAILERS (Django 6.1 or later).")
-        if mailers is not None:
-            alias = alias or "default"
-            if alias not in mailers:
-                raise CommandError(f"No mailer {alias!r} in MAILERS: {', '.join(mailers)}.")
-            configured = dict(mailers[alias].get("OPTIONS", {}))
-            return EmailBackend(alias=alias, **(configured | overrides))
-        return EmailBackend(**overrides)
+            raise CommandError(
+                "--using needs MAILERS (Django 6.1 or later).", returncode=EXIT_USAGE
+            )
+        try:
+            if mailers is not None:
+                alias = alias or "default"
+                if alias not in mailers:
+                    raise CommandError(
+                        f"No mailer {alias!r} in MAILERS: {', '.join(mailers)}.",
+                        returncode=EXIT_USAGE,
+                    )
+                configured = dict(mailers[alias].get("OPTIONS", {}))
+                return EmailBackend(alias=alias, **(configured | overrides))
+            return EmailBackend(**overrides)
+        except (ImproperlyConfigured, TypeError, ValueError) as error:
+            raise CommandError(f"Configuration error: {error}", returncode=EXIT_USAGE) from None
+
+    def _message(self, options: dict[str, Any], recipients: list[str]) -> EmailMessage:
+        """The test message, checked before connecting: addresses and header values."""
+        sender = options["from_email"] or settings.DEFAULT_FROM_EMAIL
+        for flag, address in [("--from", sender)] + [("recipient", r) for r in recipients]:
+            try:
+                prepare_address(address)
+            except InvalidAddressError as error:
+                raise CommandError(f"{flag}: {error}", returncode=EXIT_USAGE) from None
+        message = EmailMessage(
+            options["subject"] or f"Test email from {socket.gethostname()}",
+            options["body"] or "If you're reading this, it was successful.",
+            sender,
+            recipients,
+            headers={"Message-ID": make_msgid(domain="sendtestmail.invalid")},
+        )
+        try:
+            message.message()
+        except (BadHeaderError, ValueError) as error:
+            flag = {"Subject": "--subject", "From": "--from"}.get(_header_name(error), "header")
+            raise CommandError(f"{flag}: {error}", returncode=EXIT_USAGE) from None
+        return message
 
     # -- running -------------------------------------------------------------------------
 
-    def _run(
-        self, backend: EmailBackend, options: dict[str, Any], recipients: list[str]
-    ) -> dict[str, Any]:
+    def _run(self, backend: EmailBackend, message: EmailMessage | None) -> dict[str, Any]:
         report: dict[str, Any] = {"server": f"{backend.host}:{backend.port}"}
         error: BaseException | None = None
         result: SendResult | None = None
         try:
             backend.open()  # opened here, so the session can be described after the send
-            if options["check"]:
+            if message is None:
                 report["check"] = "passed"
             else:
-                message_id = make_msgid(domain="sendtestmail.invalid")
-                report["message_id"] = message_id
-                message = EmailMessage(
-                    options["subject"] or f"Test email from {socket.gethostname()}",
-                    options["body"] or "If you're reading this, it was successful.",
-                    options["from_email"] or settings.DEFAULT_FROM_EMAIL,
-                    recipients,
-                    headers={"Message-ID": message_id},
-                )
+                report["message_id"] = message.extra_headers["Message-ID"]
                 try:
                     backend.send_messages([message])
                 finally:
@@ -234,7 +350,7 @@ class Command(BaseCommand):
             report["error"] = {"class": type(error).__name__, "message": str(error)}
             session = backend.last_client.info if backend.last_client else None
             report["hint"] = diagnose(error, backend.options, session)
-        report["exit_status"] = _exit_status(report, error, result)
+        report["exit_status"] = _exit_status(error, result, check=message is None)
         report["transcript"] = [str(line) for line in self._transcript]
         return report
 
@@ -245,35 +361,43 @@ class Command(BaseCommand):
 
     # -- output ----------------------------------------------------------------------------
 
+    def _write(self, text: str, style: Any = None) -> None:
+        """Print one line, made :func:`inert` first; ``style`` colors the result."""
+        line = inert(text)
+        self.stdout.write(style(line) if style is not None else line)
+
     def _say(self, text: str, direction: Direction) -> None:
-        line = _ARROWS[direction] + text
+        colorize = None
         if self._color:
-            line = termcolors.colorize(line, **_COLORS[direction])
-        self.stdout.write(line)
+            colors = _COLORS[direction]
+            colorize = lambda line: termcolors.colorize(line, **colors)  # noqa: E731
+        self._write(_ARROWS[direction] + text, colorize)
 
     def _show_received(self, server: Any) -> None:
         for received in server.messages:
-            self.stdout.write("")
-            self.stdout.write(
+            self._write("")
+            self._write(
                 f"The local server received from {received.mail_from} for "
                 f"{', '.join(received.rcpt_tos)} (queue id {received.queue_id}):"
             )
             text = received.data.decode("utf-8", "replace")
-            for line in text.splitlines()[:40]:
-                self.stdout.write("  | " + line)
+            for line in text.split("\n")[:40]:
+                self._write("  | " + line.removesuffix("\r"))
 
     def _finish(self, report: dict[str, Any]) -> None:
         if self._json:
-            self.stdout.write(json.dumps(report, indent=2, ensure_ascii=False))
+            text = json.dumps(report, indent=2, ensure_ascii=False)
+            # json.dumps escapes C0 controls only: give the others \uXXXX escapes too.
+            self.stdout.write(_JSON_UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}", text))
         else:
             self._summary(report)
         status = report["exit_status"]
         if status:
             message = report.get("hint") or f"{report.get('status', 'failed')}"
-            raise CommandError(message, returncode=status)
+            raise CommandError(inert(message), returncode=status)
 
     def _summary(self, report: dict[str, Any]) -> None:
-        write = self.stdout.write
+        write = self._write
         write("")
         write(f"Server:     {report['server']}")
         write(f"TLS:        {report.get('tls') or 'none'}")
@@ -298,7 +422,7 @@ class Command(BaseCommand):
                 f"(admin: /admin/django_socketmail/messagelog/{report['audit_log_id']}/change/)"
             )
         if report.get("error"):
-            write(self.style.ERROR(f"Error:      {report['error']['message']}"))
+            write(f"Error:      {report['error']['message']}", self.style.ERROR)
 
 
 def _session_report(client: Any) -> dict[str, Any]:
@@ -353,13 +477,26 @@ def _audit_id(message_id: str | None, backend: EmailBackend) -> int | None:
     return int(pk) if pk is not None else None
 
 
-def _exit_status(
-    report: dict[str, Any], error: BaseException | None, result: SendResult | None
-) -> int:
-    if "check" in report:
-        return 0 if error is None else 2
+def _exit_status(error: BaseException | None, result: SendResult | None, *, check: bool) -> int:
+    """The exit status for what happened (see :data:`EXIT_STATUSES`)."""
     if result is not None and result.status is SendStatus.SENT:
-        return 0
+        return EXIT_SENT
     if result is not None and result.status is SendStatus.PARTIAL:
-        return 1
-    return 2
+        return EXIT_PARTIAL
+    if error is None:
+        return EXIT_SENT if check else EXIT_REFUSED
+    if isinstance(error, _REFUSALS):
+        return EXIT_REFUSED
+    if isinstance(error, NotSupportedError) and "SMTPUTF8" in str(error):
+        return EXIT_REFUSED  # this server cannot take this message's addresses
+    if isinstance(error, InvalidAddressError):
+        return EXIT_USAGE
+    if isinstance(error, LocalProtocolError):
+        return EXIT_SOFTWARE
+    return EXIT_SESSION_FAILED
+
+
+def _header_name(error: Exception) -> str:
+    """The header Django's ``BadHeaderError`` names ("... for header 'Subject')")."""
+    match = re.search(r"for header '([^']*)'", str(error))
+    return match.group(1) if match else ""
