@@ -28,7 +28,7 @@ import django
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 
-from .smtp import DEFAULT_TIMEOUT, ClientConfig, TLSMode
+from .smtp import DEFAULT_TIMEOUT, ClientConfig, Secret, TLSMode
 from .smtp.sasl import DEFAULT_PREFERENCE, MECHANISMS
 
 __all__ = ["OPTIONS", "BackendOptions", "Option", "resolve_options", "socketmail_setting"]
@@ -164,7 +164,7 @@ class BackendOptions:
             tls=tls,
             timeout=self.timeout,
             username=self.username or None,
-            password=self.password or None,
+            password=Secret(self.password) if self.password else None,
             auth_mechanisms=self.auth_mechanisms,
             allow_cleartext_auth=self.allow_cleartext_auth,
             local_hostname=self.local_hostname,

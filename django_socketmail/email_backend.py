@@ -24,17 +24,18 @@ from django.core.mail.backends.base import BaseEmailBackend
 
 from .audit import AuditRecorder
 from .conf import OPTIONS, BackendOptions, resolve_options
-from .pool import POOL, PooledSession, PoolLimits, retire
+from .pool import POOL, PoolLimits
 from .serializer import serialize, serialize_parts
+from .session import Session, SessionKey
 from .smtp import (
     InvalidAddressError,
     SendResult,
     SendStatus,
     SMTPClient,
     SocketMailError,
-    Transcript,
 )
-from .smtp.sending import Transaction
+from .smtp.engine import Batch
+from .smtp.transaction import Transaction
 from .smtp.transcript import Listener
 
 if TYPE_CHECKING:
@@ -54,6 +55,10 @@ BATCH_BYTES: Final = 1 << 20
 """Messages are serialized and pipelined in runs of about this many bytes..."""
 BATCH_MESSAGES: Final = 500
 """...or this many messages, whichever comes first."""
+
+MAX_RETRIES: Final = 2
+"""Times a message that cannot have reached the server (its connection broke before its
+content went out) is sent again on a new connection within one call."""
 
 _HAS_MAILERS: Final = django.VERSION >= (6, 1)
 
@@ -106,12 +111,10 @@ class EmailBackend(BaseEmailBackend):
         )
         self.fail_silently = self.options.fail_silently
         self.mailer_alias: str = alias or ""
-        self.client: SMTPClient | None = None
-        self.last_client: SMTPClient | None = None
+        self.session: Session | None = None
+        """The open session (None when closed)."""
+        self.last_session: Session | None = None
         """The most recent session, open or not: what it negotiated stays readable."""
-        self._recorder: AuditRecorder | None = None
-        self._pooled: PooledSession | None = None
-        self._session_error: BaseException | None = None
         self._lock = threading.RLock()
         self.transcript_listeners: list[Listener] = []
         """Called with every transcript line of every session (``sendtestmail`` prints)."""
@@ -147,6 +150,16 @@ class EmailBackend(BaseEmailBackend):
         return self.options.timeout
 
     @property
+    def client(self) -> SMTPClient | None:
+        """The open session's client (None when closed)."""
+        return self.session.client if self.session is not None else None
+
+    @property
+    def last_client(self) -> SMTPClient | None:
+        """The most recent session's client, open or not."""
+        return self.last_session.client if self.last_session is not None else None
+
+    @property
     def connection(self) -> SMTPClient | None:
         """The open session, as Django's backend names it (None when closed)."""
         return self.client
@@ -163,69 +176,40 @@ class EmailBackend(BaseEmailBackend):
         failed and ``fail_silently`` is set.
         """
         with self._lock:
-            if self.client is not None and self.client.is_connected:
+            if self.session is not None and self.session.is_open:
                 return False
-            self._discard_client()
+            self._end_session()
             if self.options.pool:
-                pooled = POOL.acquire(self.options.client_config(), self._limits, retire)
+                pooled = POOL.acquire(SessionKey.of(self.options, self.mailer_alias), self._limits)
                 if pooled is not None:
-                    # The session is shared by configuration; the audit log follows this
-                    # borrower's own options (on or off, database, body capture).
-                    pooled.recorder.options = self.options
-                    pooled.recorder.mailer = self.mailer_alias
-                    self.client, self._recorder, self._pooled = (
-                        pooled.client,
-                        pooled.recorder,
-                        pooled,
-                    )
-                    self.last_client = pooled.client
+                    self.session = self.last_session = pooled
                     return True
-            transcript = Transcript()
-            for listener in self.transcript_listeners:
-                transcript.subscribe(listener)
-            client = SMTPClient(self.options.client_config(), transcript=transcript)
-            self.last_client = client
-            recorder = AuditRecorder(self.options, self.mailer_alias, client)
+            session = Session(self.options, self.mailer_alias, self.transcript_listeners)
+            self.last_session = session
             try:
-                client.connect()
-            except SocketMailError as error:
-                recorder.session_ended(error)
-                recorder.flush()
+                session.open()
+            except SocketMailError:
                 if not self.fail_silently:
                     raise
                 return None
-            self.client, self._recorder, self._session_error = client, recorder, None
-            if self.options.pool:
-                self._pooled = PooledSession(client, recorder)
+            self.session = session
             return True
 
     def close(self) -> None:
         """Give the session back to the pool (``pool=True``), or QUIT (falling back to
-        closing the socket) and forget it.  Never raises for a dead server."""
+        closing the socket) and record it.  Does not raise for a dead server."""
         with self._lock:
-            pooled, self._pooled = self._pooled, None
-            if pooled is not None and self.client is pooled.client:
-                self.client, self._recorder = None, None
-                pooled.recorder.flush()
-                POOL.release(pooled, self._limits, retire)
-                return
-            client = self.client
-            if client is not None:
-                client.quit()
             self._end_session()
 
-    def _discard_client(self) -> None:
-        self._pooled = None
-        if self.client is not None:
-            self.client.close()
-        self._end_session()
-
     def _end_session(self) -> None:
-        """Forget the session and write its audit record."""
-        recorder, self._recorder, self.client = self._recorder, None, None
-        if recorder is not None:
-            recorder.session_ended(self._session_error)
-            recorder.flush()
+        session, self.session = self.session, None
+        if session is None:
+            return
+        if self.options.pool:
+            session.recorder.flush()
+            POOL.release(session, self._limits)
+        else:
+            session.end()
 
     # -- sending ------------------------------------------------------------------------
 
@@ -237,70 +221,79 @@ class EmailBackend(BaseEmailBackend):
         ``fail_silently``, the first message that fails raises its error (after its result
         is recorded) and later messages are not started, as in Django's backend; with
         CHUNKING, messages already in flight alongside it are finished and reported
-        truthfully on their results.
+        truthfully on their results.  Messages that certainly did not reach the server
+        when a connection broke (never started, or no content sent) go on a new
+        connection, each at most :data:`MAX_RETRIES` times.
         """
         if not email_messages:
             return 0
         with self._lock:
             opened = self.open()
-            if self.client is None or opened is None:
+            if self.session is None or opened is None:
                 return 0
             try:
                 return self._send_all([m for m in email_messages if m.recipients()])
             finally:
                 if opened:
                     self.close()
-                elif self._recorder is not None:
-                    self._recorder.flush()
+                elif self.session is not None:
+                    self.session.recorder.flush()
 
     def _send_all(self, messages: list[EmailMessage]) -> int:
         sent = 0
         queue = deque(messages)
+        tries: dict[int, int] = {}
         while queue:
-            # A session broken by an earlier batch: only never-started messages come back
-            # here, and they go on a fresh connection.
-            if (self.client is None or not self.client.is_connected) and self.open() is None:
+            # A session broken by an earlier batch: only messages that cannot have been
+            # delivered come back here, and they go on a fresh connection.
+            if (self.session is None or not self.session.is_open) and self.open() is None:
                 return sent
-            client, recorder = self.client, self._recorder
-            assert client is not None
-            assert recorder is not None
-            batch, refused = self._next_batch(queue, client, recorder)
-            runner = client.send([t for _, t, _ in batch], stop_on_error=not self.fail_silently)
-            accepted, retry = self._settle_batch(batch, runner.unattempted, recorder)
+            session = self.session
+            assert session is not None
+            batch, refused = self._next_batch(queue, session)
+            outcome = session.send([t for _, t, _ in batch], stop_on_error=not self.fail_silently)
+            accepted, retry = self._settle_batch(batch, outcome, session.recorder, tries)
             sent += accepted
-            if runner.errors and not client.is_connected:
-                self._session_error = runner.errors[-1][1]
-            if runner.errors and not self.fail_silently:
-                raise runner.errors[0][1]
+            if outcome.errors and not self.fail_silently:
+                raise outcome.errors[0][1]
             if refused is not None:
-                self._record(recorder, *refused[:3])
+                self._record(session.recorder, *refused[:3])
                 raise refused[3]
-            if batch and len(retry) == len(batch):
-                return sent  # no progress: the server takes nothing from us
-            del batch, runner  # hold no sent message's bytes while the next run is serialized
+            del batch, outcome  # hold no sent message's bytes while the next run is serialized
             queue.extendleft(reversed(retry))
         return sent
 
     def _settle_batch(
         self,
         batch: list[tuple[EmailMessage, Transaction, list[bytes]]],
-        unattempted: set[int],
+        outcome: Batch,
         recorder: AuditRecorder,
+        tries: dict[int, int],
     ) -> tuple[int, list[EmailMessage]]:
         """Record every attempted message of a run; return how many the server accepted
-        and the messages never attempted."""
+        and the messages to send again on a new connection.  A message given back more than
+        :data:`MAX_RETRIES` times fails with the connection's error."""
         accepted = 0
         retry: list[EmailMessage] = []
+        unattempted = {id(tx.result) for tx in outcome.unattempted}
         for message, transaction, raw in batch:
-            if id(transaction.result) in unattempted:
-                retry.append(message)
-                continue
-            self._record(recorder, message, transaction.result, raw)
-            accepted += transaction.result.status in (SendStatus.SENT, SendStatus.PARTIAL)
+            result = transaction.result
+            if id(result) in unattempted:
+                tries[id(message)] = tries.get(id(message), 0) + 1
+                if outcome.errors and not self.fail_silently:
+                    continue  # an earlier failure raises: not attempted, as Django does
+                if tries[id(message)] <= MAX_RETRIES:
+                    retry.append(message)
+                    continue
+                error = outcome.lost or SocketMailError("not sent: the connection kept failing")
+                result.fail(error)
+                outcome.errors.append((result, error))
+            self._record(recorder, message, result, raw)
+            accepted += result.status in (SendStatus.SENT, SendStatus.PARTIAL)
         return accepted, retry
 
     def _next_batch(
-        self, queue: deque[EmailMessage], client: SMTPClient, recorder: AuditRecorder
+        self, queue: deque[EmailMessage], session: Session
     ) -> tuple[list[tuple[EmailMessage, Transaction, list[bytes]]], _Refusal | None]:
         """Take messages from ``queue`` for one pipelined run, up to :data:`BATCH_BYTES`
         (so that large messages are held in memory one at a time) or
@@ -311,7 +304,7 @@ class EmailBackend(BaseEmailBackend):
             message = queue.popleft()
             raw = serialize_parts(message)
             try:
-                transaction = client.prepare(message.from_email, message.recipients(), raw)
+                transaction = session.client.prepare(message.from_email, message.recipients(), raw)
             except InvalidAddressError as invalid:
                 # Refused before a byte was sent; still an attempt worth a row.
                 result = SendResult(str(message.from_email), [], size=sum(map(len, raw)))
@@ -321,7 +314,7 @@ class EmailBackend(BaseEmailBackend):
             if unsendable is not None and not self.fail_silently:
                 return batch, (message, transaction.result, raw, unsendable)
             if unsendable is not None:
-                self._record(recorder, message, transaction.result, raw)
+                self._record(session.recorder, message, transaction.result, raw)
                 continue
             batch.append((message, transaction, raw))
             size += transaction.size

@@ -1,18 +1,19 @@
 """A process-wide pool of warm SMTP sessions, so that one ``send_mail()`` per web request does
 not pay for connect, TLS and AUTH every time.
 
-Opt-in (``pool=True``).  Sessions are keyed by the full client configuration (host, port,
-TLS mode, credentials, CA, ...), so a session is only ever reused for exactly the
-configuration that opened it.  A session is handed out again only if it is younger than
+Opt-in (``pool=True``).  Sessions (:class:`~.session.Session`) are keyed by
+:class:`~.session.SessionKey`: the full client configuration (host, port, TLS mode,
+credentials, CA...), the mailer alias and the audit-log options, so a session is only
+reused for exactly what opened it.  It is handed out again only if it is younger than
 ``pool_max_age``, was idle less than ``pool_idle_timeout``, has sent fewer than
-``pool_max_messages`` messages, and looks alive: a server that closed an idle connection
-(EOF, or an unsolicited ``421``) shows it as readable data, which costs nothing to look at,
-so no message is ever sent into a dead session.  After ``fork()`` the child never uses
-the parent's sessions (their sockets are shared with the parent): it drops them and starts
-afresh.
+``pool_max_messages`` messages, has no error, and the server has not spoken since (EOF or an
+unsolicited ``421`` shows as readable data, which costs nothing to look at).  A server can
+still close the connection between that look and our next write; what that does to a message
+is what the engine says about any lost connection (never reported as sent).
 
-The pool holds each session's :class:`~django_socketmail.audit.AuditRecorder` with it, so
-that one physical connection stays one ``SessionLog`` row however many borrowers it has.
+Fork: the child forgets the parent's idle sessions the moment it is created
+(``os.register_at_fork``), closing its copies of their sockets without a byte written, so
+neither its exit nor its own pool ever touches the parent's conversations.
 """
 
 from __future__ import annotations
@@ -21,14 +22,14 @@ import atexit
 import os
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+import weakref
+from dataclasses import dataclass
 from typing import Final
 
-from .audit import AuditRecorder
-from .smtp import ClientConfig, SMTPClient
+from .session import Session, SessionKey
+from .smtp.client import QUIT_TIMEOUT
 
-__all__ = ["POOL", "ConnectionPool", "PoolLimits", "PooledSession", "close_pool", "retire"]
+__all__ = ["POOL", "ConnectionPool", "PoolLimits", "close_pool"]
 
 MAX_IDLE_PER_KEY: Final = 8
 
@@ -41,113 +42,96 @@ class PoolLimits:
     max_age: float = 300.0
     max_messages: int = 1000
 
-
-@dataclass(slots=True)
-class PooledSession:
-    """A live session with its audit recorder and its timestamps."""
-
-    client: SMTPClient
-    recorder: AuditRecorder
-    created: float = field(default_factory=time.monotonic)
-    idle_since: float = field(default_factory=time.monotonic)
-
-    def usable(self, limits: PoolLimits, now: float) -> bool:
-        """Young, recently used, not worn out, and the server has not hung up."""
-        return (
-            now - self.created < limits.max_age
-            and now - self.idle_since < limits.idle_timeout
-            and self.client.info.messages_sent < limits.max_messages
-            and self.client.is_connected
-            and not self.client.peer_has_spoken()
+    def allow(self, session: Session, now: float) -> bool:
+        return session.usable(
+            idle_timeout=self.idle_timeout,
+            max_age=self.max_age,
+            max_messages=self.max_messages,
+            now=now,
         )
 
 
-Closer = Callable[[PooledSession], None]
-
-
 class ConnectionPool:
-    """Idle sessions by configuration.  Thread-safe; fork-safe (see the module docstring)."""
+    """Idle sessions by key.  Thread-safe; fork-safe (see the module docstring)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._idle: dict[ClientConfig, list[PooledSession]] = {}
-        self._pid = os.getpid()
+        self._idle: dict[SessionKey, list[Session]] = {}
+        ref = weakref.ref(self)
 
-    def acquire(
-        self, config: ClientConfig, limits: PoolLimits, close: Closer
-    ) -> PooledSession | None:
-        """A usable idle session for ``config``, or None.  Unusable ones met on the way are
-        passed to ``close`` (outside the lock)."""
-        stale: list[PooledSession] = []
+        def after_fork_in_child() -> None:
+            pool = ref()
+            if pool is not None:
+                pool._after_fork()
+
+        os.register_at_fork(after_in_child=after_fork_in_child)
+
+    def acquire(self, key: SessionKey, limits: PoolLimits) -> Session | None:
+        """A usable idle session for ``key``, or None.  Unusable ones met on the way are
+        ended (outside the lock)."""
+        stale: list[Session] = []
         found = None
         with self._lock:
-            self._forget_after_fork()
-            sessions = self._idle.get(config, [])
+            sessions = self._idle.get(key, [])
             now = time.monotonic()
             while sessions:
                 candidate = sessions.pop()  # most recently used first: the warmest
-                if candidate.usable(limits, now):
+                if limits.allow(candidate, now):
                     found = candidate
                     break
                 stale.append(candidate)
         for session in stale:
-            close(session)
+            session.end()
         return found
 
-    def release(self, session: PooledSession, limits: PoolLimits, close: Closer) -> None:
-        """Keep ``session`` for the next borrower, or pass it to ``close`` if it cannot be
-        kept (broken, worn out, or too many idle already)."""
+    def release(self, session: Session, limits: PoolLimits) -> None:
+        """Keep ``session`` for the next borrower, or end it if it cannot be kept (broken,
+        worn out, or too many idle already)."""
         session.idle_since = time.monotonic()
-        keep = session.usable(limits, session.idle_since)
+        keep = limits.allow(session, session.idle_since)
         if keep:
             with self._lock:
-                self._forget_after_fork()
-                sessions = self._idle.setdefault(session.client.config, [])
+                sessions = self._idle.setdefault(session.key, [])
                 if len(sessions) < MAX_IDLE_PER_KEY:
                     sessions.append(session)
                 else:
                     keep = False
         if not keep:
-            close(session)
+            session.end()
 
-    def clear(self, close: Closer) -> None:
-        """Close every idle session (for tests and shutdown)."""
+    def clear(self, budget: float = QUIT_TIMEOUT) -> None:
+        """End every idle session, QUITting them within ``budget`` seconds in all (the
+        sessions still waiting when it runs out are closed without QUIT)."""
         with self._lock:
             sessions = [s for group in self._idle.values() for s in group]
             self._idle.clear()
+        deadline = time.monotonic() + budget
         for session in sessions:
-            close(session)
+            session.end(quit_budget=min(QUIT_TIMEOUT, deadline - time.monotonic()))
 
     def idle_count(self) -> int:
         """How many sessions wait in the pool."""
         with self._lock:
             return sum(len(group) for group in self._idle.values())
 
-    def _forget_after_fork(self) -> None:
-        if os.getpid() != self._pid:
-            # The sockets belong to the parent too: close our copies without a word.
-            for group in self._idle.values():
-                for session in group:
-                    session.client.close()
-            self._idle.clear()
-            self._pid = os.getpid()
+    def _after_fork(self) -> None:
+        """In the child: the sockets belong to the parent; close our copies silently."""
+        self._lock = threading.Lock()  # another thread may have held it at fork time
+        sessions = [s for group in self._idle.values() for s in group]
+        self._idle.clear()
+        for session in sessions:
+            session.forget()
 
 
 POOL: Final = ConnectionPool()
 """The process-wide pool used by backends with ``pool=True``."""
 
 
-def retire(session: PooledSession) -> None:
-    """End a pooled session for good: QUIT, then its audit record."""
-    session.client.quit()
-    session.recorder.session_ended(None)
-    session.recorder.flush()
-
-
 def close_pool() -> None:
-    """QUIT every idle pooled session (and write its audit record).  Runs at interpreter
-    exit; call it yourself to drop warm connections earlier (tests, worker shutdown)."""
-    POOL.clear(retire)
+    """QUIT every idle pooled session (and write its audit record), within
+    :data:`~.smtp.client.QUIT_TIMEOUT` seconds in all.  Runs at interpreter exit; call it
+    yourself to drop warm connections earlier (tests, worker shutdown)."""
+    POOL.clear()
 
 
 atexit.register(close_pool)

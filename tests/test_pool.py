@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -88,14 +89,37 @@ def test_max_messages_and_idle_timeout() -> None:
 
 
 def test_after_fork_the_child_never_reuses_the_parents_sessions() -> None:
+    """A real fork: the child's pool starts empty (so it connects anew) and its exit, which
+    runs close_pool(), writes nothing into the parent's connection; the parent's session
+    goes on untouched."""
     with HostileSMTPServer(standard_session()) as server:
-        pooled(server).send_messages([message()])
+        assert pooled(server).send_messages([message()]) == 1
         assert POOL.idle_count() == 1
-        # What os.fork() changes, as seen by the pool: the process id.  (A real fork of
-        # this multi-threaded test process is what CPython warns against.)
-        POOL._pid = -1
-        pooled(server).send_messages([message()])
-        assert len(server.connections) == 2
+        read, write = os.pipe()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads: 3.12+
+            pid = os.fork()
+        if pid == 0:  # the child: report what it sees, then exit as a worker would
+            try:
+                os.close(read)
+                os.write(write, str(POOL.idle_count()).encode())
+                close_pool()  # what atexit runs when a gunicorn/Celery child exits
+            finally:
+                os._exit(0)
+        os.close(write)
+        with os.fdopen(read) as pipe:
+            child_saw = pipe.read()
+        assert os.waitpid(pid, 0)[1] == 0
+        assert child_saw == "0"
+        for _ in range(3):  # the parent keeps sending on the same connection
+            assert pooled(server).send_messages([message()]) == 1
+        assert len(server.connections) == 1
+        stream = server.connections[0].received
+        assert b"QUIT" not in stream
+        assert stream.count(b"MAIL FROM") == 4
+        close_pool()
+        assert server.wait_closed()
+        assert server.connections[0].received.count(b"QUIT") == 1
 
 
 @pytest.mark.django_db(transaction=True)
@@ -110,14 +134,17 @@ def test_one_session_row_per_physical_connection() -> None:
         assert session.ended is not None
         assert session.messages_sent == 3
         assert "C: QUIT" in session.transcript
-        assert os.getpid() == POOL._pid
 
 
 @pytest.mark.django_db(transaction=True)
 def test_the_audit_log_follows_each_borrowers_options() -> None:
+    """Sessions are pooled per audit configuration: a borrower never changes the recorder
+    another borrower's session writes with."""
     with HostileSMTPServer(standard_session()) as server:
         assert pooled(server, audit_log=False).send_messages([message()]) == 1
         assert pooled(server, audit_log=True).send_messages([message()]) == 1
         assert pooled(server, audit_log=False).send_messages([message()]) == 1
-        assert len(server.connections) == 1
-        assert MessageLog.objects.count() == 1
+        assert pooled(server, audit_log=True).send_messages([message()]) == 1
+        assert len(server.connections) == 2
+        assert MessageLog.objects.count() == 2
+        assert SessionLog.objects.count() == 1

@@ -28,6 +28,7 @@ from django_socketmail.smtp.protocol import (
     SMTPConnection,
 )
 from django_socketmail.smtp.reply import Reply
+from django_socketmail.smtp.secret import Secret
 
 
 def greeted(extensions: bytes = b"250-mx\r\n250 PIPELINING\r\n") -> SMTPConnection:
@@ -160,10 +161,10 @@ def test_command_injection_refused() -> None:
 
 def test_transcript_redacts_auth_and_summarizes_content() -> None:
     conn = greeted(b"250-mx\r\n250 AUTH PLAIN LOGIN\r\n")
-    assert conn.send(Auth("PLAIN", "AHUAcA==")) == b"AUTH PLAIN AHUAcA==\r\n"
+    assert conn.send(Auth("PLAIN", Secret(b"\0u\0p"))) == b"AUTH PLAIN AHUAcA==\r\n"
     conn.receive_data(b"334 \r\n")
     conn.next_event()
-    assert conn.send(AuthResponse("c2VjcmV0")) == b"c2VjcmV0\r\n"
+    assert conn.send(AuthResponse(Secret(b"secret"))) == b"c2VjcmV0\r\n"
     conn.receive_data(b"235 ok\r\n")
     conn.next_event()
     conn.send(Data())

@@ -4,23 +4,20 @@ Importing this package never imports Django.  The pieces:
 
 - :mod:`.reply` — reply values and the bounded parser;
 - :mod:`.commands`, :mod:`.content`, :mod:`.address` — what goes on the wire, checked;
-- :mod:`.protocol` — the session core: commands and bytes in, replies out;
-- :mod:`.sasl` — PLAIN, LOGIN, CRAM-MD5;
+- :mod:`.protocol` — commands and bytes in, replies out, ordering rules;
+- :mod:`.transaction` — the table of what every reply to a transaction means;
+- :mod:`.opening`, :mod:`.engine` — the sans-I/O session: events in, actions out;
+- :mod:`.sasl`, :mod:`.secret` — PLAIN, LOGIN, CRAM-MD5; credentials that do not print;
 - :mod:`.transcript` — the redacted record of the conversation;
+- :mod:`.config` — what a session is opened with and what it learned;
 - :mod:`.client` — the blocking socket driver;
 - :mod:`.result`, :mod:`.errors` — what the caller gets back.
 """
 
 from __future__ import annotations
 
-from .client import (
-    DEFAULT_TIMEOUT,
-    ClientConfig,
-    ConnectionFailedError,
-    SessionInfo,
-    SMTPClient,
-    TLSMode,
-)
+from .client import ConnectionFailedError, SMTPClient
+from .config import DEFAULT_TIMEOUT, ClientConfig, SessionInfo, TLSMode
 from .errors import (
     AuthenticationError,
     CleartextAuthError,
@@ -42,6 +39,7 @@ from .errors import (
 )
 from .reply import Reply, SMTPStatus
 from .result import RecipientResult, RecipientStatus, SendResult, SendStatus, parse_queue_id
+from .secret import Secret
 from .transcript import Direction, Transcript, TranscriptLine
 
 __all__ = [
@@ -67,6 +65,7 @@ __all__ = [
     "SMTPClient",
     "SMTPStatus",
     "SMTPTimeoutError",
+    "Secret",
     "SendResult",
     "SendStatus",
     "SenderRefused",

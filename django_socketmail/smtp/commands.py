@@ -8,11 +8,13 @@ most :data:`MAX_COMMAND_LINE` octets.  Commands that carry credentials render as
 
 from __future__ import annotations
 
+import base64
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar, Final
 
 from .errors import LocalProtocolError
+from .secret import REDACTED, Secret, SecretBytes
 
 __all__ = [
     "REDACTED",
@@ -32,8 +34,6 @@ __all__ = [
     "StartTLS",
 ]
 
-REDACTED: Final = "[redacted]"
-"""What the transcript shows in place of a secret."""
 
 MAX_COMMAND_LINE: Final = 2048
 """Longest command line we send, CRLF included.  RFC 5321 §4.5.3.1.4 says 512 plus room for
@@ -68,9 +68,10 @@ class Command:
         text = f"{self.verb} {args}" if args else self.verb
         _check_argument(text, self.verb)
         data = text.encode("utf-8") + b"\r\n"
-        limit = MAX_AUTH_LINE if isinstance(self, (Auth, AuthResponse)) else MAX_COMMAND_LINE
-        if len(data) > limit:
-            raise LocalProtocolError(f"{self.verb} line is {len(data)} bytes, over {limit}")
+        if len(data) > MAX_COMMAND_LINE:
+            raise LocalProtocolError(
+                f"{self.verb} line is {len(data)} bytes, over {MAX_COMMAND_LINE}"
+            )
         return data
 
     def transcript_text(self) -> str:
@@ -112,17 +113,24 @@ class StartTLS(Command):
 
 @dataclass(frozen=True, slots=True)
 class Auth(Command):
-    """``AUTH <mechanism> [initial-response]`` (RFC 4954).  The initial response is a secret."""
+    """``AUTH <mechanism> [initial-response]`` (RFC 4954).  The initial response is a
+    :class:`~.secret.Secret` holding the raw bytes; the line is built, base64 and all, only
+    by :meth:`line`, and comes back as :class:`~.secret.SecretBytes`."""
 
     mechanism: str
-    initial_response: str | None = None
+    initial_response: Secret[bytes] | None = field(default=None, repr=False)
     verb: ClassVar[str] = "AUTH"
     ends_group: ClassVar[bool] = True
 
     def arguments(self) -> str:
+        return self.mechanism
+
+    def line(self) -> bytes:
         if self.initial_response is None:
-            return self.mechanism
-        return f"{self.mechanism} {self.initial_response}"
+            return super(Auth, self).line()
+        _check_argument(self.mechanism, "AUTH mechanism")
+        # RFC 4954 §4: an empty initial response is sent as "=".
+        return _secret_line(f"AUTH {self.mechanism} ".encode("ascii"), self.initial_response, b"=")
 
     def transcript_text(self) -> str:
         if self.initial_response is None:
@@ -132,20 +140,26 @@ class Auth(Command):
 
 @dataclass(frozen=True, slots=True)
 class AuthResponse(Command):
-    """One base64 line answering a 334 challenge: always a secret."""
+    """One base64 line answering a 334 challenge: a secret, whatever it holds."""
 
-    payload: str
+    payload: Secret[bytes] = field(repr=False)
     ends_group: ClassVar[bool] = True
 
     def line(self) -> bytes:
-        _check_argument(self.payload, "AUTH response")
-        data = self.payload.encode("ascii") + b"\r\n"
-        if len(data) > MAX_AUTH_LINE:
-            raise LocalProtocolError(f"AUTH response is {len(data)} bytes, over {MAX_AUTH_LINE}")
-        return data
+        return _secret_line(b"", self.payload, b"")
 
     def transcript_text(self) -> str:
         return REDACTED
+
+
+def _secret_line(prefix: bytes, secret: Secret[bytes], empty: bytes) -> SecretBytes:
+    """``prefix`` + base64 of the secret (``empty`` when it is empty) + CRLF, as bytes
+    that do not print themselves."""
+    encoded = base64.b64encode(secret.reveal()) or empty
+    line = SecretBytes(prefix + encoded + b"\r\n")
+    if len(line) > MAX_AUTH_LINE:
+        raise LocalProtocolError(f"AUTH line is {len(line)} bytes, over {MAX_AUTH_LINE}")
+    return line
 
 
 @dataclass(frozen=True, slots=True)

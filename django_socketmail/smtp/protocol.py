@@ -18,7 +18,12 @@ server does):
   and any byte the server sent after that 220 fails the session: it is a response
   injection (RFC 3207 §5, "NO STARTTLS", USENIX Security 2021);
 - after STARTTLS everything learned before it (the extensions) is forgotten;
-- a reply that answers no command is only allowed as ``421`` (the server is closing).
+- a reply that answers no command is only allowed as ``421`` (the server is closing);
+- bytes that arrive while no command awaits a reply (a ``250`` glued behind the ``354`` to
+  DATA, say: nothing may be pending after 354, RFC 2920 §3.1) are a protocol violation,
+  unless they start an unsolicited ``421``;
+- server lines that echo a secret we sent (registered with :meth:`SMTPConnection.redact`)
+  have it replaced by ``[redacted]`` before anyone sees the reply.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import ClassVar, Final
 
-from .commands import Bdat, Command, Data, Ehlo, Helo, Quit, StartTLS
+from .commands import REDACTED, Bdat, Command, Data, Ehlo, Helo, Quit, StartTLS
 from .content import Content, as_parts, data_parts
 from .errors import LocalProtocolError, RemoteProtocolError
 from .extensions import Extensions
@@ -109,6 +114,22 @@ class SMTPConnection:
     extensions: Extensions = field(default_factory=Extensions)
     _parser: ReplyParser = field(default_factory=ReplyParser, repr=False)
     _pending: deque[Pending] = field(default_factory=lambda: deque([Greeting()]), repr=False)
+    _secrets: list[str] = field(default_factory=list, repr=False)
+    replies_received: int = 0
+    """How many complete replies were handed out: a driver's measure of progress."""
+
+    def redact(self, *texts: str) -> None:
+        """Replace each of ``texts`` (the forms of a secret we sent: base64 lines, the raw
+        password) with ``[redacted]`` in every server line from now on."""
+        for text in texts:
+            if len(text) >= 4 and text not in self._secrets:
+                self._secrets.append(text)
+        self._secrets.sort(key=len, reverse=True)  # longest first: no partial leftovers
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not yet part of a reply handed out."""
+        return self._parser.buffered
 
     @property
     def pending(self) -> tuple[Pending, ...]:
@@ -190,6 +211,9 @@ class SMTPConnection:
         reply = self._parser.next_reply()
         if reply is None:
             return NEED_DATA
+        self.replies_received += 1
+        if self._secrets:
+            reply = Reply(reply.code, tuple(map(self._redacted, reply.lines)))
         for text in str(reply).split("\n"):
             self.transcript.server(text)
         if not self._pending:
@@ -199,7 +223,26 @@ class SMTPConnection:
             raise RemoteProtocolError(f"unsolicited reply {reply.one_line()!r}")
         command = self._pending.popleft()
         self._apply(command, reply)
+        if not self._pending and self.state is not SessionState.CLOSED:
+            self._check_nothing_early(command)
         return ReplyReceived(command, reply)
+
+    def _redacted(self, line: str) -> str:
+        for secret in self._secrets:
+            line = line.replace(secret, REDACTED)
+        return line
+
+    def _check_nothing_early(self, command: Pending) -> None:
+        """No command awaits a reply: any byte already here answers nothing.  Only the start
+        of an unsolicited ``421`` may wait for the next read."""
+        early = self._parser.peek(3)
+        if early and not b"421".startswith(early):
+            self.state = SessionState.CLOSED
+            raise RemoteProtocolError(
+                f"server sent {self._parser.buffered} bytes after its reply to "
+                f"{command.verb}, before we sent anything more (an early reply); "
+                "session abandoned"
+            )
 
     def _apply(self, command: Pending, reply: Reply) -> None:
         """The state changes a reply causes."""

@@ -1,7 +1,9 @@
 """SASL mechanisms for SMTP AUTH (RFC 4954), one small class each, named as IANA names them.
 
 A mechanism turns server challenges into client responses; it never touches the network
-and never base64-encodes (the session does that).  Credentials are UTF-8 before base64.
+and never base64-encodes (the command does that, see :mod:`.commands`).  Credentials are
+UTF-8 before base64.  The password arrives as a :class:`~.secret.Secret` and every response
+leaves as one: the plain bytes exist only inside the mechanism's own methods.
 
 - ``PLAIN`` (RFC 4616): ``authzid NUL authcid NUL passwd`` as the initial response.
 - ``LOGIN`` (draft-murchison-sasl-login): the user name, then the password, answered by the
@@ -12,10 +14,13 @@ and never base64-encodes (the session does that).  Credentials are UTF-8 before 
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 from abc import ABC, abstractmethod
 from typing import ClassVar, Final
+
+from .secret import Secret
 
 __all__ = ["MECHANISMS", "CramMD5", "Login", "Mechanism", "Plain", "UnexpectedChallenge"]
 
@@ -31,23 +36,32 @@ class Mechanism(ABC):
     sends_password: ClassVar[bool]
     """True if the password itself crosses the wire (only acceptable under TLS)."""
 
-    def __init__(self, username: str, password: str) -> None:
+    def __init__(self, username: str, password: Secret[str]) -> None:
         self._username = username.encode("utf-8")
-        self._password = password.encode("utf-8")
+        self._password = password
         self._step = 0
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__}>"
 
-    def initial_response(self) -> bytes | None:
+    def initial_response(self) -> Secret[bytes] | None:
         """The response sent with the AUTH command itself, or None to wait for a challenge."""
         return None
 
-    def respond(self, challenge: bytes) -> bytes:
+    def respond(self, challenge: bytes) -> Secret[bytes]:
         """Return the answer to the decoded ``challenge``; raise :class:`UnexpectedChallenge`
         when the exchange should have been over."""
         self._step += 1
-        return self._respond(self._step, challenge)
+        return Secret(self._respond(self._step, challenge))
+
+    def echo_forms(self) -> tuple[str, ...]:
+        """The password as a server might echo it back (raw, base64): redacted from every
+        server line.  The base64 of each response is redacted by the session as it sends it."""
+        password = self._password.reveal()
+        return (password, base64.b64encode(password.encode("utf-8")).decode("ascii"))
+
+    def _secret(self) -> bytes:
+        return self._password.reveal().encode("utf-8")
 
     @abstractmethod
     def _respond(self, step: int, challenge: bytes) -> bytes: ...
@@ -60,11 +74,11 @@ class Plain(Mechanism):
     sends_password: ClassVar[bool] = True
 
     def _message(self) -> bytes:
-        return b"\0" + self._username + b"\0" + self._password
+        return b"\0" + self._username + b"\0" + self._secret()
 
-    def initial_response(self) -> bytes | None:
+    def initial_response(self) -> Secret[bytes] | None:
         self._step = 1
-        return self._message()
+        return Secret(self._message())
 
     def _respond(self, step: int, challenge: bytes) -> bytes:
         # A server that ignored the initial response asks with an empty challenge.
@@ -83,7 +97,7 @@ class Login(Mechanism):
         if step == 1:
             return self._username
         if step == 2:
-            return self._password
+            return self._secret()
         raise UnexpectedChallenge(self.name)
 
 
@@ -96,7 +110,7 @@ class CramMD5(Mechanism):
     def _respond(self, step: int, challenge: bytes) -> bytes:
         if step != 1:
             raise UnexpectedChallenge(self.name)
-        digest = hmac.new(self._password, challenge, hashlib.md5).hexdigest()
+        digest = hmac.new(self._secret(), challenge, hashlib.md5).hexdigest()
         return self._username + b" " + digest.encode("ascii")
 
 

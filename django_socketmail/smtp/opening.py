@@ -1,0 +1,245 @@
+"""The opening of a session, without I/O: greeting, EHLO (or HELO), STARTTLS, AUTH.
+
+::
+
+    S: 220 mail.example.com ESMTP
+    C: EHLO web1.example.com            (HELO if refused with 500/502/504/550)
+    S: 250-mail.example.com ... 250 STARTTLS
+    C: STARTTLS   /  S: 220  /  TLS handshake  /  C: EHLO again
+    C: AUTH PLAIN [redacted]  /  S: 235
+
+Rules (RFC 5321 §3.1 and §4.1.1.1, RFC 3207, RFC 4954): a greeting other than 220 ends the
+session; with ``use_tls`` a server without STARTTLS gets nothing else; after a 535 no other
+mechanism is tried (that is how accounts get locked), while 504/534/538 (mechanism not
+available, too weak, needs encryption) move on to the next one; a mechanism that would send
+the password itself is refused before TLS unless ``allow_cleartext_auth``.  Every response
+sent after AUTH, in its base64 form, and the password itself are redacted from every server
+line that echoes them.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import enum
+from collections import deque
+from typing import TYPE_CHECKING, Final
+
+from .commands import Auth, AuthCancel, AuthResponse, Command, Ehlo, Helo, StartTLS
+from .config import ClientConfig, SessionInfo, TLSMode
+from .errors import (
+    AuthenticationError,
+    CleartextAuthError,
+    ConnectError,
+    HeloError,
+    LocalProtocolError,
+    NotSupportedError,
+)
+from .protocol import NEED_DATA, ReplyReceived, SMTPConnection
+from .reply import Reply, SMTPStatus
+from .sasl import MECHANISMS, Mechanism, UnexpectedChallenge
+
+if TYPE_CHECKING:
+    from .engine import Signal
+
+__all__ = ["Opening"]
+
+_EHLO_REFUSED_TRY_HELO: Final = frozenset({500, 502, 504, 550})
+_MECHANISM_UNAVAILABLE: Final = frozenset({504, 534, 538})
+
+
+class _Step(enum.Enum):
+    GREETING = "greeting"
+    HELLO = "EHLO/HELO"
+    STARTTLS = "STARTTLS"
+    HANDSHAKE = "handshake due"
+    HANDSHAKING = "handshaking"
+    AUTH = "AUTH"
+    CANCELLING = "cancelling AUTH"
+    DONE = "done"
+
+
+class Opening:
+    """Drives one session's opening; the engine asks :meth:`step` until it says DONE.
+
+    Commands are appended to ``out`` (the engine's write queue); failures raise the
+    documented errors (:class:`~.errors.ConnectError`, :class:`~.errors.HeloError`,
+    :class:`~.errors.NotSupportedError`, :class:`~.errors.AuthenticationError`...).
+    """
+
+    def __init__(
+        self,
+        config: ClientConfig,
+        conn: SMTPConnection,
+        info: SessionInfo,
+        local_hostname: str,
+        out: list[bytes],
+    ) -> None:
+        self._config, self._conn, self._info = config, conn, info
+        self._hostname = local_hostname
+        self._out = out
+        self._step = _Step.GREETING
+        self._encrypted = False
+        self._candidates: deque[str] = deque()
+        self._mechanism: Mechanism | None = None
+        self._last_unavailable: Reply | None = None
+        self._cancel_reason = ""
+
+    def tls_established(self) -> None:
+        """The handshake is done: implicit TLS before the greeting, or after STARTTLS."""
+        self._encrypted = True
+        if self._step is _Step.HANDSHAKING:
+            self._hello()
+
+    def step(self) -> Signal | None:
+        """Handle what has arrived; return RECEIVE, START_TLS or DONE, or None once writes
+        are queued."""
+        from .engine import DONE, RECEIVE, START_TLS
+
+        if self._step is _Step.DONE:
+            return DONE
+        if self._step is _Step.HANDSHAKE:
+            self._step = _Step.HANDSHAKING
+            return START_TLS
+        if self._step is _Step.HANDSHAKING:
+            raise LocalProtocolError("the TLS handshake was not reported (tls_established)")
+        event = self._conn.next_event()
+        if event is NEED_DATA:
+            return RECEIVE
+        assert isinstance(event, ReplyReceived)
+        self._on_reply(event.command, event.reply)
+        return DONE if self.done else None
+
+    @property
+    def done(self) -> bool:
+        """The session is open (and authenticated, if asked)."""
+        return self._step is _Step.DONE
+
+    def _send(self, command: Command) -> bytes:
+        data = self._conn.send(command)
+        self._out.append(data)
+        return data
+
+    def _on_reply(self, command: object, reply: Reply) -> None:
+        code = reply.code
+        if self._step is _Step.GREETING:
+            self._info.greeting = reply
+            if code != SMTPStatus.service_ready:
+                raise ConnectError(reply, "greeting")
+            self._hello()
+        elif self._step is _Step.HELLO:
+            if code == SMTPStatus.completed:
+                self._info.extensions = self._conn.extensions
+                self._after_hello()
+            elif isinstance(command, Ehlo) and code in _EHLO_REFUSED_TRY_HELO:
+                self._send(Helo(self._hostname))
+            else:
+                raise HeloError(reply, "EHLO/HELO")
+        elif self._step is _Step.STARTTLS:
+            if code != SMTPStatus.service_ready:
+                raise NotSupportedError(f"server refused STARTTLS: {reply.one_line()}")
+            self._step = _Step.HANDSHAKE
+        elif self._step is _Step.AUTH:
+            self._on_auth_reply(reply)
+        elif self._step is _Step.CANCELLING:
+            name = self._mechanism.name if self._mechanism else ""
+            raise AuthenticationError(reply, f"AUTH {name}", self._cancel_reason)
+
+    def _hello(self) -> None:
+        self._step = _Step.HELLO
+        self._send(Ehlo(self._hostname))
+
+    def _after_hello(self) -> None:
+        config = self._config
+        if config.tls is TLSMode.STARTTLS and not self._encrypted:
+            if "STARTTLS" not in self._conn.extensions:
+                raise NotSupportedError(
+                    f"{config.host}:{config.port} does not offer STARTTLS, and use_tls "
+                    "requires it; nothing else was sent (check the port: 465 is use_ssl)"
+                )
+            self._step = _Step.STARTTLS
+            self._send(StartTLS())
+            return
+        if config.username and config.password:
+            self._authenticate()
+            return
+        self._step = _Step.DONE
+
+    # -- AUTH ------------------------------------------------------------------------------
+
+    def _authenticate(self) -> None:
+        config = self._config
+        offered = self._conn.extensions.auth_mechanisms
+        if not offered:
+            hint = "" if self._encrypted else " before TLS; set use_tls (STARTTLS) or use_ssl"
+            raise NotSupportedError(f"server does not offer AUTH{hint}")
+        wanted = [name.upper() for name in config.auth_mechanisms]
+        candidates = [name for name in wanted if name in offered and name in MECHANISMS]
+        if not candidates:
+            raise NotSupportedError(
+                f"no usable AUTH mechanism: the server offers {' '.join(offered)}, "
+                f"auth_mechanisms allows {' '.join(wanted) or 'none'}"
+            )
+        if not self._encrypted and not config.allow_cleartext_auth:
+            safe = [name for name in candidates if not MECHANISMS[name].sends_password]
+            if not safe:
+                raise CleartextAuthError(
+                    f"refusing to send the password unencrypted with {'/'.join(candidates)}: "
+                    "set use_tls or use_ssl, or allow_cleartext_auth=True to accept the risk"
+                )
+            candidates = safe
+        self._candidates = deque(candidates)
+        self._step = _Step.AUTH
+        self._next_mechanism()
+
+    def _next_mechanism(self) -> None:
+        config = self._config
+        assert config.username
+        assert config.password
+        name = self._candidates.popleft()
+        mechanism = MECHANISMS[name](config.username, config.password)
+        self._mechanism = mechanism
+        self._conn.redact(*mechanism.echo_forms())
+        initial = mechanism.initial_response()
+        if initial is None:
+            self._send(Auth(name))
+        else:
+            self._send_secret(Auth(name, initial))
+
+    def _send_secret(self, command: Auth | AuthResponse) -> None:
+        line = self._send(command)
+        self._conn.redact(line.rsplit(b" ", 1)[-1].strip().decode("ascii"))
+
+    def _on_auth_reply(self, reply: Reply) -> None:
+        mechanism = self._mechanism
+        assert mechanism is not None
+        code = reply.code
+        if code == SMTPStatus.auth_continue:
+            try:
+                challenge = base64.b64decode(reply.lines[0].strip(), validate=True)
+                response = mechanism.respond(challenge)
+            except binascii.Error:
+                self._cancel("the server's challenge is not valid base64")
+            except UnexpectedChallenge:
+                self._cancel("the server asked for an unexpected extra step")
+            else:
+                self._send_secret(AuthResponse(response))
+            return
+        if code == SMTPStatus.auth_successful:
+            self._info.auth_mechanism = mechanism.name
+            self._info.auth_username = self._config.username
+            self._step = _Step.DONE
+            return
+        if code in _MECHANISM_UNAVAILABLE:
+            self._last_unavailable = reply
+            if self._candidates:
+                self._next_mechanism()
+                return
+            raise AuthenticationError(reply, "AUTH", "no offered mechanism was accepted")
+        # 535 and everything else: never try another mechanism (account lock-out).
+        raise AuthenticationError(reply, f"AUTH {mechanism.name}")
+
+    def _cancel(self, why: str) -> None:
+        self._cancel_reason = f"{why}; exchange cancelled"
+        self._step = _Step.CANCELLING
+        self._send(AuthCancel())
