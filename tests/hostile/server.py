@@ -35,7 +35,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import re
-import select
+import selectors
 import socket
 import ssl
 import struct
@@ -127,6 +127,13 @@ class Script:
 
     def __repr__(self) -> str:
         return f"Script({list(self.steps)!r})"
+
+
+def _wait(sock: socket.socket, events: int, timeout: float) -> bool:
+    """Whether ``sock`` is ready for ``events`` within ``timeout`` (any fd number)."""
+    with selectors.DefaultSelector() as selector:
+        selector.register(sock, events)
+        return bool(selector.select(timeout))
 
 
 def _verb(line: bytes) -> bytes:
@@ -375,9 +382,9 @@ class Connection:
                 tls.do_handshake()
                 break
             except ssl.SSLWantReadError:
-                select.select([tls], [], [], POLL)
+                _wait(tls, selectors.EVENT_READ, POLL)
             except ssl.SSLWantWriteError:
-                select.select([], [tls], [], POLL)
+                _wait(tls, selectors.EVENT_WRITE, POLL)
             except OSError as exc:
                 self.tls_error = str(exc) or type(exc).__name__
                 self._eof = True
@@ -462,8 +469,7 @@ class Connection:
             return False
         if self.tls:
             return self._fill(timeout)
-        readable, _, _ = select.select([self._sock], [], [], timeout)
-        if not readable:
+        if not _wait(self._sock, selectors.EVENT_READ, timeout):
             return False
         try:
             peeked = self._sock.recv(1, socket.MSG_PEEK)
