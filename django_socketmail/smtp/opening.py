@@ -224,6 +224,7 @@ class Opening:
                 self._cancel("the server asked for an unexpected extra step")
             else:
                 self._send_secret(AuthResponse(response))
+                self._conn.redact(*mechanism.echo_forms())
             return
         if code == SMTPStatus.auth_successful:
             self._info.auth_mechanism = mechanism.name

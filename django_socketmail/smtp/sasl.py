@@ -111,7 +111,12 @@ class CramMD5(Mechanism):
         if step != 1:
             raise UnexpectedChallenge(self.name)
         digest = hmac.new(self._secret(), challenge, hashlib.md5).hexdigest()
+        self._digest = digest
         return self._username + b" " + digest.encode("ascii")
+
+    def echo_forms(self) -> tuple[str, ...]:
+        digest = getattr(self, "_digest", None)
+        return (*super().echo_forms(), *([digest] if digest else []))
 
 
 MECHANISMS: Final[dict[str, type[Mechanism]]] = {cls.name: cls for cls in (CramMD5, Plain, Login)}
