@@ -284,6 +284,34 @@ def test_host_name_with_escapes_is_inert_in_the_hint() -> None:
     assert "no\\x1b[2J\\x1b[H.invalid" in out
 
 
+def test_json_escapes_what_json_dumps_leaves_raw() -> None:
+    """``json.dumps`` escapes C0 only; C1, U+2028 and bidi overrides are escaped too, and
+    the JSON still decodes to the exact text."""
+    text = "a\u0085b\u009b2J\u2028\u202e\x1b"
+    out = io.StringIO()
+    command = sendtestmail.Command(stdout=out)
+    command._json = True
+    command._finish({"server": text, "exit_status": 0})
+    assert_inert(out.getvalue())
+    assert json.loads(out.getvalue())["server"] == text
+
+
+@pytest.mark.parametrize("host", ["no\u0085.invalid", "\U0001f4a9.invalid", "a\u2028b"])
+def test_host_that_idna_2008_refuses_is_a_usage_error(host: str) -> None:
+    status, out = run("--host", host, "x@example.com")
+    assert status == EXIT_USAGE, out
+    assert_inert(out)
+    assert "--host" in out
+
+
+def test_non_ascii_host_is_encoded_with_idna_2008() -> None:
+    """``faß.invalid`` is looked up as ``xn--fa-hia.invalid``, not IDNA 2003's fass.invalid."""
+    status, out = run("--host", "fa\u00df.invalid", "--timeout", "2", "x@example.com")
+    assert status == EXIT_SESSION_FAILED, out
+    assert "xn--fa-hia.invalid" in out
+    assert "fass.invalid" not in out
+
+
 def test_json_output_stays_json_and_inert() -> None:
     with HostileSMTPServer(hostile_escapes()) as server:
         status, out = run(*hostile_args(server, "--json"), "ok@example.com", "denied@example.com")
@@ -337,10 +365,14 @@ def test_usage_errors_are_one_line_with_their_own_status(args: list[str], messag
     assert "Traceback" not in out
 
 
-def test_bad_recipient_and_no_recipient_are_usage_errors() -> None:
-    status, out = run("--host", "127.0.0.1", "--port", "9", f"bad{CLEAR}@example.com")
+@pytest.mark.parametrize("address", [f"bad{CLEAR}@example.com", "bad\u0085@example.com"])
+def test_bad_recipient_is_a_usage_error(address: str) -> None:
+    status, out = run("--host", "127.0.0.1", "--port", "9", address)
     assert status == EXIT_USAGE, out
     assert_inert(out)
+
+
+def test_no_recipient_is_a_usage_error() -> None:
     status, out = run("--host", "127.0.0.1", "--port", "9")
     assert status == EXIT_USAGE, out
     assert "recipients" in out

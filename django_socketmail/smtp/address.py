@@ -6,7 +6,7 @@ IDNA 2008 (RFC 5891-5893) after the UTS #46 mapping, non-transitional: ``faß.ex
 becomes ``xn--fa-hia.example``, where Python's ``"idna"`` codec (IDNA 2003, which Django's
 backend uses) gives ``fass.example``, another domain.  Only the standard library is used
 (:func:`derived_property` computes RFC 5892's table from :mod:`unicodedata`); what it cannot
-decide with certainty is refused with a message naming the domain, never guessed.
+decide with certainty is refused with a message naming the domain rather than guessed.
 A non-ASCII local part needs SMTPUTF8 (RFC 6531): the prepared address says so and the
 session refuses it when the server does not offer SMTPUTF8.  CR, LF, NUL, other control
 characters (C1 too), line separators, bidirectional overrides and angle brackets never

@@ -49,7 +49,7 @@ from django_socketmail.smtp import (
     SocketMailError,
     TranscriptLine,
 )
-from django_socketmail.smtp.address import prepare_address
+from django_socketmail.smtp.address import idna_encode_domain, prepare_address
 from django_socketmail.smtp.reply import escape_controls
 from django_socketmail.smtp.transcript import Direction
 
@@ -224,6 +224,13 @@ class Command(BaseCommand):
         ):
             if options[option] is not None:
                 overrides[name] = options[option]
+        if options["host"] is not None and not options["host"].isascii():
+            try:  # IDNA 2008, not the IDNA 2003 that socket would use (faß -> fass)
+                overrides["host"] = idna_encode_domain(options["host"])
+            except ValueError as error:
+                raise CommandError(
+                    f"--host {options['host']!r} {error}", returncode=EXIT_USAGE
+                ) from None
         if options["tls"]:
             overrides |= {"use_tls": True, "use_ssl": False}
         elif options["ssl"]:
