@@ -11,11 +11,12 @@ Every line printed goes through :func:`inert`: the server's text, and the user's
 printed with control characters escaped, so a server cannot move the cursor, clear the
 screen, set the window title, write the clipboard (OSC 52) or overwrite "550 relaying
 denied" with "250 ok" using a CR (CWE-150).  ``--json`` prints one JSON object with the
-same facts; its strings are escaped the same way.
+same facts, with every control character in its strings written as a JSON escape.
 """
 
 from __future__ import annotations
 
+import argparse
 import getpass
 import json
 import math
@@ -96,11 +97,8 @@ def _seconds(value: str) -> float:
     except ValueError:
         seconds = math.nan
     if not math.isfinite(seconds) or seconds <= 0:
-        raise ValueError(value)
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {value!r}")
     return seconds
-
-
-_seconds.__name__ = "number of seconds > 0"  # argparse names the type in its message
 
 
 class Command(BaseCommand):
