@@ -19,14 +19,8 @@ A transport failure is reported with :meth:`Engine.connection_lost`.  While open
 raise from :meth:`Engine.next_action`; while sending, they are recorded on each message's
 result and the batch ends.
 
-Three policies decide *when* bytes go out, never what a reply means:
-
-- lock-step (no PIPELINING): one command, one reply;
-- pipelined DATA (RFC 2920): MAIL, every RCPT and DATA in one write; then the content, its
-  dot and the next envelope in one write (unless ``pipeline_after_dot`` is off: some servers
-  fail on an envelope behind the dot);
-- windowed BDAT (RFC 3030 with PIPELINING): ``[RSET] MAIL RCPT... BDAT n LAST`` and the chunk,
-  for several messages at once, bounded by messages, bytes and replies not yet read.
+Three policies (:mod:`.policies`: lock-step, pipelined DATA, windowed BDAT) decide *when*
+bytes go out; :mod:`.transaction`'s table decides what each reply means.
 """
 
 from __future__ import annotations
@@ -34,26 +28,25 @@ from __future__ import annotations
 import enum
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Final
 
-from .address import EnvelopeAddress, prepare_address
-from .commands import Data, MailFrom, Quit, RcptTo, Rset
+from .actions import CLOSE, DONE, RECEIVE, START_TLS, Action, Batch, Settled, Signal, Write
+from .commands import Quit
 from .config import ClientConfig, SessionInfo
-from .content import Content, has_8bit, split_canonical
+from .content import Content
+from .envelope import prepare
 from .errors import (
     DataError,
     LocalProtocolError,
-    MessageTooLargeError,
-    NotSupportedError,
     SenderRefused,
     ServerDisconnected,
     SocketMailError,
 )
 from .opening import Opening
+from .policies import Policies
 from .protocol import NEED_DATA, ReplyReceived, SMTPConnection
 from .reply import Reply, SMTPStatus
-from .result import RecipientResult, RecipientStatus, SendResult, SendStatus
+from .result import RecipientStatus, SendResult, SendStatus
 from .transaction import (
     Kind,
     Stage,
@@ -76,6 +69,7 @@ __all__ = [
     "Engine",
     "Phase",
     "Settled",
+    "Signal",
     "Write",
 ]
 
@@ -98,52 +92,7 @@ class Phase(enum.Enum):
     CLOSED = "closed"
 
 
-@dataclass(frozen=True, slots=True)
-class Write:
-    """Write ``parts`` in order.  ``started``: messages whose first command is in them."""
-
-    parts: tuple[bytes, ...]
-    started: tuple[SendResult, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class Settled:
-    """These messages' outcomes are final."""
-
-    results: tuple[SendResult, ...]
-
-
-class Signal(enum.Enum):
-    RECEIVE = "receive"
-    START_TLS = "start TLS"
-    CLOSE = "close"
-    DONE = "done"
-
-
-RECEIVE: Final = Signal.RECEIVE
-START_TLS: Final = Signal.START_TLS
-CLOSE: Final = Signal.CLOSE
-DONE: Final = Signal.DONE
-
-Action = Write | Settled | Signal
-
-
-@dataclass(slots=True)
-class Batch:
-    """What one :meth:`Engine.send` did beyond each message's result."""
-
-    stop_on_error: bool
-    errors: list[tuple[SendResult, SocketMailError]] = field(default_factory=list)
-    unattempted: list[Transaction] = field(default_factory=list)
-    """Never started, or given back after the connection broke: nothing of them can have
-    been delivered, so they may go on another connection."""
-    lost: SocketMailError | None = None
-    """Why the connection ended during the batch, if it did."""
-    lost_behind_dot: bool = False
-    """The connection broke right after an envelope pipelined behind a final dot."""
-
-
-class Engine:
+class Engine(Policies):
     """One SMTP session's protocol state; see the module docstring."""
 
     def __init__(
@@ -200,28 +149,8 @@ class Engine:
         self._opening = Opening(self.config, self.conn, self.info, local_hostname, self._out)
 
     def prepare(self, mail_from: str, recipients: Sequence[str], message: Content) -> Transaction:
-        """Check one message against the session and build its transaction.
-
-        Raises :class:`~.errors.InvalidAddressError` for an unusable address (before any
-        byte is sent).  A message this server cannot take (SMTPUTF8 not offered, larger than
-        SIZE) comes back already failed: ``transaction.result.error`` is set.
-        """
-        sender = prepare_address(mail_from)
-        envelope = [prepare_address(address) for address in recipients]
-        result = SendResult(
-            sender.addr_spec, [RecipientResult(r.addr_spec) for r in dict.fromkeys(envelope)]
-        )
-        content, tail = split_canonical(message)
-        result.size = sum(map(len, content)) + len(tail)
-        lines = sum(part.count(b"\n") for part in content) + len(tail) // 2
-        tx = Transaction(
-            result, sender.addr_spec, (), list(result.recipients), content, lines, tail
-        )
-        try:
-            tx.parameters = self._mail_parameters(sender, envelope, content, result.size)
-        except SocketMailError as error:
-            result.fail(error)
-        return tx
+        """Check one message against the session; see :func:`.envelope.prepare`."""
+        return prepare(self.conn.extensions, mail_from, recipients, message)
 
     def send(self, transactions: Sequence[Transaction], *, stop_on_error: bool) -> Batch:
         """Begin sending ``transactions``; drive until :data:`DONE`, then read the batch."""
@@ -367,75 +296,6 @@ class Engine:
 
     # -- sending ---------------------------------------------------------------------------
 
-    @property
-    def _bdat(self) -> bool:
-        return self.conn.pipelining and self.config.chunking and "CHUNKING" in self.conn.extensions
-
-    def _pump(self) -> None:
-        """Start transactions as the policy allows."""
-        if self._halted or self._close or self.phase is not Phase.SENDING:
-            return
-        if not self.conn.pipelining:
-            if not self._expect and self._todo:
-                if self.needs_reset:
-                    self._reset()
-                else:
-                    self._start(self._todo.popleft())
-        elif not self._bdat:
-            if not self._expect and self._todo:
-                self._start(self._todo.popleft())
-        else:
-            in_flight_bytes = sum(tx.size for tx in self._in_flight)
-            while self._todo and (
-                not self._in_flight
-                or (
-                    len(self._in_flight) < self.window
-                    and in_flight_bytes < self.window_bytes
-                    and len(self._expect) + len(self._todo[0].recipients) + 3
-                    <= self.max_unread_replies
-                )
-            ):
-                tx = self._todo.popleft()
-                self._start(tx)
-                in_flight_bytes += tx.size
-
-    def _reset(self) -> None:
-        self._tap(None)
-        self._out.append(self.conn.send(Rset()))
-        self._expect.append(None)
-        self.needs_reset = False
-
-    def _start(self, tx: Transaction) -> None:
-        pipelined = self.conn.pipelining
-        if pipelined and (self.needs_reset or (self._bdat and self._in_flight)):
-            self._reset()
-        self._tap(tx)
-        tx.stage = Stage.MAIL
-        self._in_flight.append(tx)
-        self._started.append(tx.result)
-        self._command(tx, MailFrom(tx.sender, tx.parameters))
-        if not pipelined:
-            return
-        for recipient in tx.recipients:
-            self._command(tx, RcptTo(recipient.address))
-        if self._bdat:
-            self._out.append(self.conn.send_bdat(tx.size, lines=tx.lines))
-            self._out.extend(tx.content)
-            if tx.tail:
-                self._out.append(tx.tail)
-            self._marks.append((len(self._out), tx))
-            self._expect_reply(tx)
-        else:
-            self._command(tx, Data())
-
-    def _command(self, tx: Transaction, command: MailFrom | RcptTo | Data) -> None:
-        self._out.append(self.conn.send(command))
-        self._expect_reply(tx)
-
-    def _expect_reply(self, tx: Transaction) -> None:
-        self._expect.append(tx)
-        tx.due += 1
-
     def _on_reply(self, event: ReplyReceived) -> None:
         reply = event.reply
         if event.command is not None:
@@ -475,33 +335,6 @@ class Engine:
             self._lockstep_next(tx)
         if tx.due == 0 and tx.stage in (Stage.SETTLED, Stage.DOOMED) and tx in self._in_flight:
             self._settle(tx)
-
-    def _lockstep_next(self, tx: Transaction) -> None:
-        if tx.stage is Stage.RCPT:
-            self._command(tx, RcptTo(tx.recipients[tx.answered].address))
-        elif tx.stage is Stage.GO:
-            self._command(tx, Data())
-
-    def _go_ahead(self, tx: Transaction, *, doomed: bool) -> None:
-        """DATA answered 354: the content (and maybe the next envelope), a lone dot when
-        nobody can receive it, or -- when a dot would deliver what must not be -- closing."""
-        self._tap(tx)
-        if doomed or self._halted or not tx.wants_content():
-            if tx.accepted:  # the dot would deliver to them
-                self._lose(ServerDisconnected("connection closed to abandon a message"))
-                self._end()
-                return
-            self._out.extend(self.conn.send_content(b""))
-            tx.stage = Stage.DOOMED
-            self._expect_reply(tx)
-            return
-        self._out.extend(self.conn.send_content(tx.content, tx.tail))
-        self._marks.append((len(self._out), tx))
-        self._expect_reply(tx)
-        if self.conn.pipelining and self.pipeline_after_dot and self._todo and not self._halted:
-            following = self._todo.popleft()
-            self._start(following)  # content may open a group (RFC 2920 §3.1)
-            self._behind_dot = (tx, following)
 
     def _settle(self, tx: Transaction) -> None:
         self._in_flight.remove(tx)
@@ -591,34 +424,9 @@ class Engine:
         if error is not None and self._failure is None:
             self._failure = error
 
+    def _sending(self) -> bool:
+        return self.phase is Phase.SENDING
+
     def _tap(self, tx: Transaction | None) -> None:
         """Attribute the transcript lines that follow to ``tx`` (None: the session)."""
         self.transcript.tap = tx.result.transcript if tx is not None else None
-
-    # -- checks ----------------------------------------------------------------------------
-
-    def _mail_parameters(
-        self,
-        sender: EnvelopeAddress,
-        envelope: list[EnvelopeAddress],
-        content: Sequence[bytes],
-        size: int,
-    ) -> tuple[str, ...]:
-        extensions = self.conn.extensions
-        smtputf8 = any(a.needs_smtputf8 for a in (sender, *envelope))
-        if smtputf8 and "SMTPUTF8" not in extensions:
-            needing = next(a for a in (sender, *envelope) if a.needs_smtputf8)
-            raise NotSupportedError(
-                f"{needing} has a non-ASCII local part and the server does not offer SMTPUTF8"
-            )
-        limit = extensions.size_limit
-        if limit is not None and size > limit:
-            raise MessageTooLargeError(size, limit)
-        parameters = []
-        if "SIZE" in extensions:
-            parameters.append(f"SIZE={size}")
-        if "8BITMIME" in extensions and has_8bit(content):
-            parameters.append("BODY=8BITMIME")
-        if smtputf8:
-            parameters.append("SMTPUTF8")
-        return tuple(parameters)
