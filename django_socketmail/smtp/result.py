@@ -130,9 +130,10 @@ class SendResult:
 _QUEUE_ID_PATTERNS: Final = (
     re.compile(r"queued as ([0-9A-Za-z]+)"),  # Postfix
     re.compile(r"\bid=([0-9A-Za-z]+-[0-9A-Za-z]+-[0-9A-Za-z]+)"),  # Exim
+    re.compile(r"^2\.0\.0:? ([0-9a-f]{8,16}) Message accepted for delivery"),  # OpenSMTPD
     re.compile(r"\[InternalId=(\d+)"),  # Microsoft 365
-    re.compile(r"\bOK \d+ (\S+) - gsmtp"),  # Gmail
-    re.compile(r"\bOk (\S+)$"),  # Amazon SES: "250 Ok <message id>"
+    re.compile(r"\bOK\s+\d+\s+(\S+) - gsmtp"),  # Gmail
+    re.compile(r"^Ok (\S+)$"),  # Amazon SES: "250 Ok <message id>"
 )
 
 
