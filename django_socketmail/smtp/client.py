@@ -2,25 +2,28 @@
 
 :class:`SMTPClient` moves bytes between a TCP (or TLS) socket and the sans-I/O
 :class:`~.engine.Engine`, which holds every protocol rule; this module holds none.  It owns
-time: each reply must be complete within ``timeout`` seconds of the driver starting to wait
-for it (however slowly it drips in); each write of ``n`` bytes must be taken by the server
-within ``timeout * (1 + n // 1 MiB)`` seconds; QUIT, write and read together, within
-:data:`QUIT_TIMEOUT`.  Every network failure becomes an exception of :mod:`.errors`, or,
-while sending, a fact on each message's result.  While it writes it keeps reading, so a
-server busy writing replies never waits on us while we wait on it.
+time.  ``timeout`` bounds: the name lookup and the TCP connect together; the TLS handshake;
+each reply, from when the driver starts waiting for it (however slowly it drips in); each
+write of ``n`` bytes, ``timeout * (1 + n // 1 MiB)`` in all; and the lookup of this host's
+name for EHLO (when ``local_hostname`` is not set: past ``timeout`` the address literal is
+used).  QUIT, write and read together, takes at most :data:`QUIT_TIMEOUT`.  Every network
+failure becomes an exception of :mod:`.errors`, or, while sending, a fact on each message's
+result.  While it writes it also reads, so replies piling up unread do not stall our writes.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import ipaddress
 import os
 import selectors
 import socket
 import ssl
+import threading
 import time
-from collections.abc import Mapping, Sequence
-from typing import Any, Final
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Final, TypeVar, cast
 
 from .config import DEFAULT_TIMEOUT, ClientConfig, SessionInfo, TLSMode
 from .content import Content
@@ -35,6 +38,8 @@ from .errors import (
 from .protocol import SessionState, SMTPConnection
 from .transaction import Transaction
 from .transcript import Transcript
+
+_T = TypeVar("_T")
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -92,9 +97,41 @@ def _ssl_context(
     return context
 
 
-@functools.lru_cache(maxsize=1)
-def _fqdn() -> str:
-    return socket.getfqdn()
+_FQDN: list[str] = []
+"""This host's fully qualified name, once a lookup of it has finished."""
+
+
+def _bounded(lookup: Callable[[], _T], seconds: float) -> _T:
+    """``lookup()`` in a daemon thread, waited for at most ``seconds``: the resolver has no
+    timeout of its own.  Raises ``TimeoutError`` when it is still running (it finishes in
+    the background)."""
+    box: list[tuple[bool, Any]] = []
+
+    def run() -> None:
+        try:
+            box.append((True, lookup()))
+        except BaseException as error:  # handed to the waiting thread
+            box.append((False, error))
+
+    thread = threading.Thread(target=run, name="socketmail-lookup", daemon=True)
+    thread.start()
+    thread.join(max(0.0, seconds))
+    if not box:
+        raise TimeoutError
+    ok, value = box[0]
+    if not ok:
+        raise value
+    return cast("_T", value)
+
+
+def _fqdn(seconds: float) -> str | None:
+    """This host's name (``socket.getfqdn()``), or None if the lookup takes longer."""
+    if not _FQDN:
+        try:
+            _FQDN.append(_bounded(socket.getfqdn, seconds))
+        except TimeoutError:
+            return None
+    return _FQDN[0]
 
 
 class SMTPClient:
@@ -168,11 +205,14 @@ class SMTPClient:
     def _open_socket(self) -> None:
         config = self.config
         self.transcript.info(f"connecting to {config.host}:{config.port}")
+        deadline = time.monotonic() + config.timeout
         try:
-            sock = socket.create_connection((config.host, config.port), timeout=config.timeout)
+            addresses = _resolve(config.host, config.port, config.timeout)
+            sock = _connect(addresses, deadline)
         except TimeoutError as error:
             raise SMTPTimeoutError(
                 f"could not connect to {config.host}:{config.port} within {config.timeout} s"
+                " (name lookup and connect)"
             ) from error
         except OSError as error:
             raise ConnectionFailedError(config.host, config.port, error) from error
@@ -208,7 +248,7 @@ class SMTPClient:
         )
 
     def _local_hostname(self) -> str:
-        name = self.config.local_hostname or _fqdn()
+        name = self.config.local_hostname or _fqdn(self.config.timeout) or ""
         if "." in name:
             return name
         assert self._sock is not None
@@ -395,6 +435,37 @@ class SMTPClient:
         selector, self._selector = self._selector, None
         if selector is not None:
             selector.close()
+
+
+def _resolve(host: str, port: int, seconds: float) -> list[Any]:
+    """``getaddrinfo`` within ``seconds`` (an address literal needs no lookup)."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return _bounded(lambda: socket.getaddrinfo(host, port, type=socket.SOCK_STREAM), seconds)
+    return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST)
+
+
+def _connect(addresses: list[Any], deadline: float) -> socket.socket:
+    """Connect to the first of ``addresses`` (``getaddrinfo`` results) that answers, all
+    within ``deadline``, like ``socket.create_connection``."""
+    error: OSError | None = None
+    for family, kind, proto, _name, address in addresses:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.settimeout(remaining)
+            sock.connect(address)
+        except OSError as failure:
+            sock.close()
+            if isinstance(failure, TimeoutError):
+                raise
+            error = failure
+            continue
+        return sock
+    raise error or OSError("no address found")
 
 
 def _chunks(parts: Sequence[bytes]) -> list[tuple[int, bytes]]:

@@ -79,7 +79,7 @@ DEFAULT_WINDOW_BYTES: Final = 4 * 1024 * 1024
 """Most message bytes in flight at once (one larger message still goes alone)."""
 MAX_UNREAD_REPLIES: Final = 256
 """Most replies we may owe a read before starting another transaction: a few KiB of replies,
-far below any socket buffer, so the server is never stuck writing them while we write."""
+far below any socket buffer, so the server is not left stuck writing them while we write."""
 
 
 class Phase(enum.Enum):
