@@ -5,11 +5,15 @@ from __future__ import annotations
 import re
 
 import pytest
+from django.core.mail import EmailMessage
 from hypothesis import given
 from hypothesis import strategies as st
 
 from django_socketmail.smtp.extensions import Extensions
 from django_socketmail.smtp.reply import Reply, ReplyParser
+
+from .conftest import BackendFactory
+from .hostile.server import HostileSMTPServer, standard_session
 
 KEYWORD = re.compile(r"[A-Z0-9][A-Z0-9-]*")
 """RFC 5321 §4.1.1.1: ehlo-keyword = (ALPHA / DIGIT) *(ALPHA / DIGIT / "-")."""
@@ -131,3 +135,18 @@ def test_any_bytes_on_the_wire_give_well_formed_extensions(lines: list[bytes]) -
     reply = parser.next_reply()
     assert reply is not None
     check_well_formed(Extensions.from_ehlo_reply(reply))
+
+
+@pytest.mark.parametrize("value", ["\u00b2", "1" * 5000, "-1", "1e9"])
+@pytest.mark.parametrize("fail_silently", [False, True])
+def test_backend_sends_through_a_hostile_size_value(
+    make_backend: BackendFactory, value: str, fail_silently: bool
+) -> None:
+    """Round one raised a raw ValueError here, even with ``fail_silently=True``."""
+    script = standard_session(extensions=["PIPELINING", f"SIZE {value}"])
+    with HostileSMTPServer(script) as server:
+        backend = make_backend(server, fail_silently=fail_silently)
+        message = EmailMessage("s", "body", "from@example.com", ["to@example.com"])
+        assert backend.send_messages([message]) == 1
+        backend.close()
+        assert len(server.messages) == 1
