@@ -278,3 +278,25 @@ def test_close_pool_shares_one_deadline(monkeypatch: pytest.MonkeyPatch) -> None
         POOL.clear(budget=1.0)
         assert time.monotonic() - started < 2.0
         assert POOL.idle_count() == 0
+
+
+def test_quit_is_bounded_even_when_the_server_stops_reading() -> None:
+    """QUIT's write waited the full timeout in round one (its read was capped at 5 s)."""
+    stalled = Script([greet(), respond({"NOOP": sleep(30)})])
+    with HostileSMTPServer([stalled]) as server:
+        mailer = backend(server, timeout=30, fail_silently=False)
+        mailer.open()
+        client = mailer.client
+        assert client is not None
+        sock = client._sock
+        assert sock is not None
+        sock.sendall(b"NOOP\r\n")  # the server sleeps from here on and reads nothing
+        sock.setblocking(False)
+        try:
+            while True:
+                sock.send(b"x" * 65536)
+        except BlockingIOError:
+            pass
+        started = time.monotonic()
+        mailer.close()
+        assert time.monotonic() - started < 5.5
