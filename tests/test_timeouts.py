@@ -58,3 +58,24 @@ def test_a_hanging_lookup_of_our_own_name_falls_back_to_the_address(
         assert time.monotonic() - started < TIMEOUT + 0.5
         assert server.wait_closed()
     assert server.connections[0].commands[0] == b"EHLO [127.0.0.1]"
+
+
+def test_a_non_ascii_host_is_looked_up_by_its_idna_2008_name(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``socket`` would look up ``faß.example`` as IDNA 2003's ``fass.example``, another
+    domain."""
+    asked: list[str] = []
+    real = socket.getaddrinfo
+
+    def record(host: str, *args: Any, **kwargs: Any) -> Any:
+        asked.append(host)
+        return real("127.0.0.1", *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", record)
+    with HostileSMTPServer([standard_session()]) as server:
+        backend = EmailBackend(host="faß.example", port=server.port, timeout=2, audit_log=False)
+        assert (
+            backend.send_messages([EmailMessage("s", "b", "f@example.com", ["t@example.com"])]) == 1
+        )
+    assert asked == ["xn--fa-hia.example"]

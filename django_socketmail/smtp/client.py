@@ -25,10 +25,12 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final, TypeVar, cast
 
+from .address import idna_encode_domain
 from .config import DEFAULT_TIMEOUT, ClientConfig, SessionInfo, TLSMode
 from .content import Content
 from .engine import CLOSE, DONE, RECEIVE, START_TLS, Batch, Engine, Settled, Write
 from .errors import (
+    InvalidAddressError,
     LocalProtocolError,
     ServerDisconnected,
     SMTPTimeoutError,
@@ -225,7 +227,7 @@ class SMTPClient:
     def _handshake(self) -> None:
         assert self._sock is not None
         config = self.config
-        server_hostname = config.server_hostname or config.host
+        server_hostname = _ascii_host(config.server_hostname or config.host)
         raw = self._sock
         try:
             raw.settimeout(self._remaining(config.timeout))
@@ -438,12 +440,24 @@ class SMTPClient:
 
 
 def _resolve(host: str, port: int, seconds: float) -> list[Any]:
-    """``getaddrinfo`` within ``seconds`` (an address literal needs no lookup)."""
+    """``getaddrinfo`` within ``seconds`` (an address literal needs no lookup); a non-ASCII
+    name is looked up by its IDNA 2008 form (the socket module would use IDNA 2003)."""
     try:
         ipaddress.ip_address(host)
     except ValueError:
-        return _bounded(lambda: socket.getaddrinfo(host, port, type=socket.SOCK_STREAM), seconds)
+        name = _ascii_host(host)
+        return _bounded(lambda: socket.getaddrinfo(name, port, type=socket.SOCK_STREAM), seconds)
     return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST)
+
+
+def _ascii_host(host: str) -> str:
+    """``host`` as sent to the resolver and in TLS SNI: IDNA 2008 for a non-ASCII name."""
+    if host.isascii():
+        return host
+    try:
+        return idna_encode_domain(host)
+    except InvalidAddressError as error:
+        raise ConnectionFailedError(host, 0, OSError(f"host name not usable: {error}")) from error
 
 
 def _connect(addresses: list[Any], deadline: float) -> socket.socket:
