@@ -8,6 +8,8 @@
   network readable by anyone on the path.
 - ``socketmail.W003``: ``ssl_verify`` is off: anyone on the path can impersonate the server.
 - ``socketmail.W004``: port and TLS mode disagree (465 without use_ssl, or use_ssl on 587/25).
+- ``socketmail.W005``: a boolean option or ``EMAIL_*`` setting is a string; any non-empty
+  string (``"False"`` too) is true, to Django's backend as to ours.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from django.conf import settings
 from django.core import checks
 from django.core.exceptions import ImproperlyConfigured
 
-from .conf import BackendOptions, resolve_options
+from .conf import BackendOptions, resolve_options, string_booleans
 
 BACKEND_NAMES = frozenset(
     {"django_socketmail.backend", "django_socketmail.email_backend.EmailBackend"}
@@ -43,10 +45,10 @@ def check_mail_configuration(**kwargs: Any) -> list[checks.CheckMessage]:
     """Validate every configuration of our backend and warn about unsafe ones."""
     messages: list[checks.CheckMessage] = []
     for where, options, from_mailers in _configured_backends():
+        source = f"{where}['OPTIONS']"
         try:
-            resolved = resolve_options(
-                options or {}, from_mailers=from_mailers, source=f"{where}['OPTIONS']"
-            )
+            strings = string_booleans(options or {}, from_mailers=from_mailers, source=source)
+            resolved = resolve_options(options or {}, from_mailers=from_mailers, source=source)
         except ImproperlyConfigured as error:
             code = "E002" if "mutually exclusive" in str(error) else "E001"
             messages.append(
@@ -57,8 +59,27 @@ def check_mail_configuration(**kwargs: Any) -> list[checks.CheckMessage]:
                 )
             )
             continue
+        messages += [_string_boolean(*found) for found in strings]
         messages += _warnings(where, resolved)
     return messages
+
+
+def _string_boolean(origin: str, option: str, value: str) -> checks.CheckMessage:
+    """W005: a string where a bool belongs, which Python (so Django) reads as true."""
+    if origin.startswith("EMAIL_"):
+        setting = origin.split()[0]
+        fix = f"{setting} = False to turn it off ({setting} = True to turn it on)"
+        where = setting
+    else:
+        fix = f"{option!r}: False to turn it off ({option!r}: True to turn it on)"
+        where = origin
+    meaning = "on" if value else "off"
+    return checks.Warning(
+        f"{where} is the string {value!r}, which counts as {meaning}: "
+        f"{option} is {'enabled' if value else 'disabled'}.",
+        hint=f"Write a bool, not a string: {fix}.",
+        id="socketmail.W005",
+    )
 
 
 def _warnings(where: str, options: BackendOptions) -> list[checks.CheckMessage]:

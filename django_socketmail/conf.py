@@ -25,13 +25,20 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Final, cast
 
 import django
-from django.conf import settings
+from django.conf import global_settings, settings
 from django.core.exceptions import ImproperlyConfigured
 
 from .smtp import DEFAULT_TIMEOUT, ClientConfig, Secret, TLSMode
 from .smtp.sasl import DEFAULT_PREFERENCE, MECHANISMS
 
-__all__ = ["OPTIONS", "BackendOptions", "Option", "resolve_options", "socketmail_setting"]
+__all__ = [
+    "OPTIONS",
+    "BackendOptions",
+    "Option",
+    "resolve_options",
+    "socketmail_setting",
+    "string_booleans",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,7 +58,8 @@ OPTIONS: Final[dict[str, Option]] = {
     "port": Option(
         "int | None",
         None,
-        "Server port; default 465 with use_ssl, 587 with use_tls, else 25.",
+        "Server port.  Unset in MAILERS: 465 with use_ssl, 587 with use_tls, else 25; "
+        "elsewhere EMAIL_PORT (default 25, whatever the TLS mode), as in Django's backend.",
         "EMAIL_PORT",
     ),
     "username": Option("str", "", "User name for SMTP AUTH; empty: no AUTH.", "EMAIL_HOST_USER"),
@@ -184,27 +192,7 @@ def resolve_options(given: Mapping[str, Any], *, from_mailers: bool, source: str
     as in Django's backend); ``source`` names where they came from for error messages
     (``"MAILERS['default']['OPTIONS']"``).
     """
-    values: dict[str, Any] = {}
-    origins: dict[str, str] = {}
-    project = getattr(settings, "SOCKETMAIL", {}) or {}
-    if not isinstance(project, Mapping):
-        raise ImproperlyConfigured("SOCKETMAIL must be a dict of django-socketmail options.")
-    unknown = sorted(set(project) - OWN_OPTIONS)
-    if unknown:
-        raise ImproperlyConfigured(
-            f"SOCKETMAIL has unknown option(s) {', '.join(map(repr, unknown))}; "
-            f"known: {', '.join(sorted(OWN_OPTIONS))}."
-        )
-    for name, option in OPTIONS.items():
-        if given.get(name) is not None:
-            values[name], origins[name] = given[name], f"{source}[{name!r}]"
-        elif option.django_setting and not from_mailers and _email_setting_in_use(option):
-            values[name] = getattr(settings, option.django_setting, option.default)
-            origins[name] = option.django_setting
-        elif name in project:
-            values[name], origins[name] = project[name], f"SOCKETMAIL[{name!r}]"
-        else:
-            values[name], origins[name] = option.default, f"the default of {name!r}"
+    values, origins = _gather(given, from_mailers=from_mailers, source=source)
     for name, check in _VALIDATORS.items():
         try:
             values[name] = check(values[name])
@@ -216,7 +204,9 @@ def resolve_options(given: Mapping[str, Any], *, from_mailers: bool, source: str
             "and use_ssl (implicit TLS) are mutually exclusive; set one of them."
         )
     if values["port"] is None:
-        values["port"] = 465 if values["use_ssl"] else 587 if values["use_tls"] else 25
+        values["port"] = _default_port(
+            values["use_tls"], values["use_ssl"], legacy=_reads_email_settings(from_mailers)
+        )
     if values["timeout"] is None:
         values["timeout"] = DEFAULT_TIMEOUT
     for name in ("ssl_certfile", "ssl_keyfile", "ssl_cafile"):
@@ -227,15 +217,75 @@ def resolve_options(given: Mapping[str, Any], *, from_mailers: bool, source: str
     return BackendOptions(**{k: v for k, v in values.items() if k in known})
 
 
-def _email_setting_in_use(option: Option) -> bool:
-    """Whether to read ``option``'s ``EMAIL_*`` setting.  Django 6.1 deprecates them: there
-    they are read only when the project set them and did not define ``MAILERS`` (so we never
-    cause a deprecation warning for a setting the project does not use)."""
-    assert option.django_setting is not None
-    if django.VERSION < (6, 1):
-        return True
-    overridden: bool = cast(Any, settings).is_overridden(option.django_setting)
-    return overridden and not hasattr(settings, "MAILERS")
+def string_booleans(
+    given: Mapping[str, Any], *, from_mailers: bool, source: str
+) -> list[tuple[str, str, str]]:
+    """``(where, option, value)`` for each boolean option whose value, found by the
+    module's precedence, is a string: ``"False"``, ``"0"`` or ``"no"`` is true to Python,
+    so to Django's backend and to ours.  Sorted by option name; for the system check."""
+    values, origins = _gather(given, from_mailers=from_mailers, source=source)
+    return [
+        (origins[name], name, values[name])
+        for name in sorted(OPTIONS)
+        if OPTIONS[name].type == "bool" and isinstance(values[name], str)
+    ]
+
+
+def _gather(
+    given: Mapping[str, Any], *, from_mailers: bool, source: str
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """Each option's raw value by the module's precedence, and where it came from."""
+    values: dict[str, Any] = {}
+    origins: dict[str, str] = {}
+    project = getattr(settings, "SOCKETMAIL", {}) or {}
+    if not isinstance(project, Mapping):
+        raise ImproperlyConfigured("SOCKETMAIL must be a dict of django-socketmail options.")
+    unknown = sorted(set(project) - OWN_OPTIONS)
+    if unknown:
+        raise ImproperlyConfigured(
+            f"SOCKETMAIL has unknown option(s) {', '.join(map(repr, unknown))}; "
+            f"known: {', '.join(sorted(OWN_OPTIONS))}."
+        )
+    legacy = _reads_email_settings(from_mailers)
+    for name, option in OPTIONS.items():
+        if given.get(name) is not None:
+            values[name], origins[name] = given[name], f"{source}[{name!r}]"
+        elif option.django_setting and legacy:
+            values[name], origins[name] = _email_setting(option.django_setting)
+        elif name in project:
+            values[name], origins[name] = project[name], f"SOCKETMAIL[{name!r}]"
+        else:
+            values[name], origins[name] = option.default, f"the default of {name!r}"
+    return values, origins
+
+
+def _reads_email_settings(from_mailers: bool) -> bool:
+    """Whether Django's own backend, built the same way, would read the ``EMAIL_*``
+    settings: when it is not built from ``MAILERS``, and on Django 6.1 only while the
+    project defines no ``MAILERS`` (once it does, Django makes them unreadable)."""
+    if from_mailers:
+        return False
+    return django.VERSION < (6, 1) or not hasattr(settings, "MAILERS")
+
+
+def _email_setting(name: str) -> tuple[Any, str]:
+    """The value of one ``EMAIL_*`` setting and where it came from.  Django 6.1 deprecates
+    them: there one the project did not set is taken from Django's global defaults without
+    reading it through ``settings`` (which would warn about a setting the project does not
+    use); the value is the same."""
+    if django.VERSION >= (6, 1) and not cast(Any, settings).is_overridden(name):
+        return getattr(global_settings, name), f"{name} (Django's default)"
+    return getattr(settings, name), name
+
+
+def _default_port(use_tls: bool, use_ssl: bool, *, legacy: bool) -> int:
+    """The port when none is set (``None``).  In ``MAILERS`` (Django 6.1) Django picks it
+    by TLS mode.  Outside it, a ``None`` can only come from ``EMAIL_PORT = None``: Django
+    passes it to smtplib, which connects to its class's default port, 465 for implicit TLS
+    and 25 otherwise (even with STARTTLS)."""
+    if use_ssl:
+        return 465
+    return 25 if legacy or not use_tls else 587
 
 
 def _string(value: Any) -> str:
@@ -255,9 +305,9 @@ def _optional_string(value: Any) -> str | None:
 
 
 def _boolean(value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"expected True or False, got {value!r}")
-    return value
+    """Any value, by its truth, as Django's backend takes ``use_tls`` (``if self.use_tls``).
+    A string is true unless empty: :func:`string_booleans` finds them for a check."""
+    return bool(value)
 
 
 def _port(value: Any) -> int | None:

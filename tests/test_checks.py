@@ -63,3 +63,26 @@ def test_manage_check_runs_our_checks() -> None:
         broken = email(EMAIL_USE_TLS=True, EMAIL_USE_SSL=True)
     with override_settings(**broken), pytest.raises(SystemCheckError, match=r"socketmail\.E002"):
         call_command("check", stdout=io.StringIO(), stderr=io.StringIO())
+
+
+@pytest.mark.skipif(django.VERSION >= (6, 1), reason="EMAIL_* settings are deprecated on 6.1")
+def test_a_string_for_a_boolean_setting_is_a_warning() -> None:
+    # "False" is true to Python, so Django's backend (and ours) uses TLS: accepted, warned.
+    with override_settings(**email(EMAIL_USE_TLS="False")):
+        (message,) = check_mail_configuration()
+    assert message.id == "socketmail.W005"
+    assert "EMAIL_USE_TLS" in message.msg and "'False'" in message.msg
+    assert message.hint is not None and "EMAIL_USE_TLS = False" in message.hint
+    assert ids(**email(EMAIL_USE_TLS=1)) == []
+    assert ids(**email(EMAIL_USE_TLS=True, SOCKETMAIL={"pool": "0"})) == ["socketmail.W005"]
+
+
+@NEEDS_MAILERS
+def test_a_string_for_a_boolean_option_in_mailers_is_a_warning() -> None:
+    with override_settings(**mailers(host="h", use_tls="no", pipelining="False")):
+        messages = check_mail_configuration()
+    assert [m.id for m in messages] == ["socketmail.W005", "socketmail.W005"]
+    assert "MAILERS['default']['OPTIONS']['pipelining']" in messages[0].msg
+    assert messages[0].hint is not None and "'pipelining': False" in messages[0].hint
+    assert "MAILERS['default']['OPTIONS']['use_tls']" in messages[1].msg
+    assert ids(**mailers(host="h", use_tls=1)) == []
