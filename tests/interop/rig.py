@@ -14,6 +14,11 @@ Ports (all on ``127.0.0.1``, certificate for ``localhost`` and ``127.0.0.1``):
 * ``submission_port``: STARTTLS required (``530`` before it), AUTH only after it,
   MAIL FROM refused with ``530`` until the client has authenticated.
 * ``smtps_port``: implicit TLS (RFC 8314), otherwise like ``submission_port``.
+* ``dovecot_submission_port`` (only with ``PostfixRig(dovecot_submission=True)``):
+  Dovecot's own submission server (``dovecot-submissiond``), STARTTLS offered with
+  the same certificate, AUTH against the same users (also without TLS), every
+  accepted transaction relayed to ``plain_port`` (so the conventions below hold
+  through it too). It logs into ``dovecot_log_path``.
 
 Recipient conventions (any port): ``refuse-*@example.test`` gets ``550 5.1.1`` at
 RCPT, ``defer-*@example.test`` gets ``450 4.2.1`` at RCPT, every other address of
@@ -63,6 +68,7 @@ __all__ = [
     "PostfixRig",
     "RigError",
     "missing_binaries",
+    "missing_submission_binaries",
     "strip_trace_headers",
 ]
 
@@ -99,6 +105,13 @@ START_TIMEOUT: Final = 20.0
 MAX_UNIX_SOCKET_PATH: Final = 100
 SUPERVISOR: Final = Path(__file__).with_name("supervisor.py")
 MAILDIR_NAME: Final = "inbox"
+SUBMISSION_PACKAGE: Final = "dovecot-submissiond"
+# Where Debian (and a default ./configure) install Dovecot's service executables.
+_DOVECOT_LIBEXEC_DIRS: Final = (
+    "/usr/lib/dovecot",
+    "/usr/libexec/dovecot",
+    "/usr/local/libexec/dovecot",
+)
 
 # Header fields that Postfix's smtpd (Received) and virtual(8) (Return-Path,
 # Delivered-To, X-Original-To) put on top of a delivered message.
@@ -120,6 +133,20 @@ def missing_binaries() -> list[str]:
     search = os.pathsep.join([os.environ.get("PATH", ""), SBIN_PATH])
     return [
         name for name in ("postfix", "postconf", "dovecot") if not shutil.which(name, path=search)
+    ]
+
+
+def missing_submission_binaries() -> list[str]:
+    """Return the names of Dovecot's submission executables that are not installed.
+
+    Looks for ``submission`` and ``submission-login`` (package ``dovecot-submissiond``)
+    in the directories Dovecot is usually built to run its services from. An empty
+    list means ``PostfixRig(dovecot_submission=True)`` can be started (if the rig can).
+    """
+    return [
+        name
+        for name in ("submission", "submission-login")
+        if not any(os.access(Path(folder, name), os.X_OK) for folder in _DOVECOT_LIBEXEC_DIRS)
     ]
 
 
@@ -242,7 +269,11 @@ class PostfixRig:
     ``host``, ``plain_port``, ``submission_port``, ``smtps_port``,
     ``server_hostname`` (the name to verify), ``ca_cert_path`` (PEM of the test CA),
     ``users`` (name -> password), ``domain``, ``maildir``,
-    ``postfix_log_path``, ``dovecot_log_path``, ``startup_seconds``.
+    ``postfix_log_path``, ``dovecot_log_path``, ``startup_seconds``, and
+    ``dovecot_submission_port`` (0 unless ``dovecot_submission``).
+
+    ``dovecot_submission``: also run Dovecot's submission server (see the module
+    docstring); :meth:`start` raises :class:`RigError` if it is not installed.
 
     ``base_dir``: where to put everything; ``None`` makes a fresh directory under
     the system temp dir and removes it in :meth:`stop` (unless ``keep_dir``). The
@@ -257,6 +288,7 @@ class PostfixRig:
         users: Mapping[str, str] | None = None,
         message_size_limit: int = MESSAGE_SIZE_LIMIT,
         keep_dir: bool = False,
+        dovecot_submission: bool = False,
     ) -> None:
         """Prepare a rig; nothing is written or started until :meth:`start`."""
         self.host: Final = HOST
@@ -267,6 +299,8 @@ class PostfixRig:
         self.plain_port = 0
         self.submission_port = 0
         self.smtps_port = 0
+        self.dovecot_submission = dovecot_submission
+        self.dovecot_submission_port = 0
         self.startup_seconds = 0.0
         self._own_dir = base_dir is None
         self._keep_dir = keep_dir
@@ -303,6 +337,11 @@ class PostfixRig:
     def dovecot_dir(self) -> Path:
         """Dovecot's directory: ``dovecot.conf``, ``users``, ``run/`` (base_dir), ``state/``."""
         return self.base_dir / "dovecot"
+
+    @property
+    def dovecot_mail_dir(self) -> Path:
+        """Where Dovecot's submission server may keep each user's (unused) mailbox."""
+        return self.dovecot_dir / "mail"
 
     @property
     def maildir_root(self) -> Path:
@@ -358,8 +397,8 @@ class PostfixRig:
     def start(self) -> None:
         """Write the configuration, start Dovecot then Postfix, wait for all greetings.
 
-        Returns when each of the three ports has answered ``220`` (through TLS for
-        ``smtps_port``); sets ``startup_seconds``. On any failure everything
+        Returns when each port has answered ``220`` (through TLS for ``smtps_port``);
+        sets ``startup_seconds``. On any failure everything
         already started is stopped and :class:`RigError` is raised with the tails of
         both logs. Calling it on a running rig does nothing.
         """
@@ -370,6 +409,12 @@ class PostfixRig:
             raise RigError(
                 f"{', '.join(missing)} not installed: apt-get install postfix dovecot-core"
             )
+        missing = missing_submission_binaries() if self.dovecot_submission else []
+        if missing:
+            raise RigError(
+                f"Dovecot's {', '.join(missing)} not installed: "
+                f"apt-get install {SUBMISSION_PACKAGE}"
+            )
         if os.geteuid() != 0:
             raise RigError("the rig must run as root: Postfix's master daemon needs it")
         _check_dovecot_version()
@@ -377,7 +422,9 @@ class PostfixRig:
         atexit.register(self.stop)
         try:
             self._prepare_dir()
-            self.plain_port, self.submission_port, self.smtps_port = _free_ports(3)
+            ports = _free_ports(4 if self.dovecot_submission else 3)
+            self.plain_port, self.submission_port, self.smtps_port = ports[:3]
+            self.dovecot_submission_port = ports[3] if self.dovecot_submission else 0
             self._write_tls()
             self._write_dovecot()
             self._write_postfix()
@@ -519,6 +566,10 @@ class PostfixRig:
             os.chown(path, postfix.pw_uid, postfix.pw_gid)
         for path in (self.dovecot_dir / "state",):
             path.mkdir(mode=0o750, exist_ok=True)
+        if self.dovecot_submission:
+            dovecot = pwd.getpwnam("dovecot")
+            self.dovecot_mail_dir.mkdir(mode=0o750, exist_ok=True)
+            os.chown(self.dovecot_mail_dir, dovecot.pw_uid, dovecot.pw_gid)
 
     def _write_tls(self) -> None:
         """Issue a certificate for localhost/127.0.0.1 from a throwaway CA (trustme)."""
@@ -529,9 +580,21 @@ class PostfixRig:
         chain = self.base_dir / "tls" / "server.pem"
         chain.touch(mode=0o600)
         server.private_key_and_cert_chain_pem.write_to_path(str(chain))
+        if self.dovecot_submission:
+            # Dovecot reads the key and the chain from separate files (as root).
+            key = self.base_dir / "tls" / "server.key"
+            key.touch(mode=0o600)
+            server.private_key_pem.write_to_path(str(key))
+            certs = self.base_dir / "tls" / "server.crt"
+            certs.write_bytes(b"".join(blob.bytes() for blob in server.cert_chain_pems))
+            certs.chmod(0o644)
 
     def _write_dovecot(self) -> None:
-        """Write ``dovecot.conf`` (auth service only) and the passwd-file of ``users``."""
+        """Write ``dovecot.conf`` and the passwd-file of ``users``.
+
+        Auth service only, unless ``dovecot_submission``: then also the submission
+        service (see :meth:`_dovecot_submission_conf`).
+        """
         dovecot = self.dovecot_dir
         users = dovecot / "users"
         # name:password:uid:gid:gecos:home:shell:extra fields. "nodelay" answers a
@@ -546,16 +609,18 @@ class PostfixRig:
         )
         os.chown(users, 0, grp.getgrnam("dovecot").gr_gid)
         users.chmod(0o640)
+        purpose, services = " (auth only)", "protocols = none\nssl = no"
+        if self.dovecot_submission:
+            purpose, services = " and its submission server", self._dovecot_submission_conf()
         (dovecot / "dovecot.conf").write_text(
             f"""\
-# Written by tests/interop/rig.py: an auth-only Dovecot for Postfix SASL.
+# Written by tests/interop/rig.py: Dovecot for Postfix SASL{purpose}.
 base_dir = {dovecot}/run
 state_dir = {dovecot}/state
 instance_name = {self.base_dir.name}
-protocols = none
 listen = {HOST}
 log_path = {self.dovecot_log_path}
-ssl = no
+{services}
 default_internal_user = dovecot
 default_login_user = dovenull
 disable_plaintext_auth = no
@@ -591,6 +656,40 @@ userdb {{
 """,
             encoding="utf-8",
         )
+
+    def _dovecot_submission_conf(self) -> str:
+        """The ``dovecot.conf`` lines of the submission service (Dovecot 2.3 syntax).
+
+        Listens on ``dovecot_submission_port``, offers STARTTLS with the rig's
+        certificate (not required: AUTH works without TLS too, like ``plain_port``),
+        and relays every transaction, unauthenticated and without TLS, to Postfix's
+        ``plain_port``, which accepts ``example.test`` from anyone.
+        """
+        tls = self.base_dir / "tls"
+        return f"""\
+protocols = submission
+ssl = yes
+ssl_cert = <{tls}/server.crt
+ssl_key = <{tls}/server.key
+hostname = {SERVER_HOSTNAME}
+submission_host = {SERVER_HOSTNAME}
+submission_relay_host = {HOST}
+submission_relay_port = {self.plain_port}
+submission_relay_ssl = no
+submission_relay_trusted = no
+# The static userdb maps every user to the dovecot system user (below 500).
+first_valid_uid = {pwd.getpwnam("dovecot").pw_uid}
+# Submission sets up each user's mail environment (for BURL), which needs a location.
+mail_location = maildir:{self.dovecot_mail_dir}/%u
+service submission-login {{
+  inet_listener submission {{
+    address = {HOST}
+    port = {self.dovecot_submission_port}
+  }}
+  inet_listener submissions {{
+    port = 0
+  }}
+}}"""
 
     def _write_postfix(self) -> None:
         """Write ``main.cf``, ``master.cf`` and the lookup tables."""
@@ -800,6 +899,8 @@ postlog   unix-dgram n  -       n       -       1       postlogd
         """Return when all three ports send a 220 greeting; RigError after ``deadline``."""
         context = self.client_ssl_context()
         pending = {self.plain_port: False, self.submission_port: False, self.smtps_port: True}
+        if self.dovecot_submission_port:
+            pending[self.dovecot_submission_port] = False
         while pending:
             for port, tls in list(pending.items()):
                 if _greets(port, context if tls else None):
