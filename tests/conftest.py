@@ -14,6 +14,8 @@ import trustme
 from django_socketmail.email_backend import EmailBackend
 from django_socketmail.localserver import LocalSMTPServer
 
+from .pg import postgres_database, postgres_server  # noqa: F401 - fixtures (see tests/pg.py)
+
 USER = "alice"
 PASSWORD = "correct horse battery staple"
 UTF8_USER = "jürgen"
