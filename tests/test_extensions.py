@@ -10,7 +10,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from django_socketmail.smtp.extensions import Extensions
-from django_socketmail.smtp.reply import Reply, ReplyParser
+from django_socketmail.smtp.parser import ReplyParser
+from django_socketmail.smtp.reply import Reply
 
 from .conftest import BackendFactory
 from .hostile.server import HostileSMTPServer, standard_session

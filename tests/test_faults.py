@@ -300,4 +300,3 @@ def test_quit_is_bounded_even_when_the_server_stops_reading() -> None:
         started = time.monotonic()
         mailer.close()
         assert time.monotonic() - started < 5.5
-

@@ -22,7 +22,8 @@ from django_socketmail.smtp.address import prepare_address
 from django_socketmail.smtp.commands import MailFrom, RcptTo
 from django_socketmail.smtp.content import data_parts, normalize_line_endings, split_canonical
 from django_socketmail.smtp.errors import InvalidAddressError, RemoteProtocolError
-from django_socketmail.smtp.reply import Reply, ReplyParser
+from django_socketmail.smtp.parser import ReplyParser
+from django_socketmail.smtp.reply import Reply
 
 SETTINGS = settings(
     max_examples=200,

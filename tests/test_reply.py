@@ -7,7 +7,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from django_socketmail.smtp.errors import RemoteProtocolError
-from django_socketmail.smtp.reply import Reply, ReplyParser, escape_controls
+from django_socketmail.smtp.parser import ReplyParser
+from django_socketmail.smtp.reply import Reply, escape_controls
 
 
 def parse_all(data: bytes, **limits: int) -> list[Reply]:

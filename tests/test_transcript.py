@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from django_socketmail.smtp.reply import ReplyParser
+from django_socketmail.smtp.parser import ReplyParser
 from django_socketmail.smtp.transcript import (
     MAX_TRANSCRIPT_LINE_CHARS,
     Direction,

@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import smtplib
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from .reply import Reply
+from .reply import Reply
 
 __all__ = [
     "AuthenticationError",

@@ -23,8 +23,9 @@ import base64
 import binascii
 import enum
 from collections import deque
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
+from .actions import DONE, RECEIVE, START_TLS, Signal
 from .commands import Auth, AuthCancel, AuthResponse, Command, Ehlo, Helo, StartTLS
 from .config import ClientConfig, SessionInfo, TLSMode
 from .errors import (
@@ -38,9 +39,6 @@ from .errors import (
 from .protocol import NEED_DATA, ReplyReceived, SMTPConnection
 from .reply import Reply, SMTPStatus
 from .sasl import MECHANISMS, Mechanism, UnexpectedChallenge
-
-if TYPE_CHECKING:
-    from .engine import Signal
 
 __all__ = ["Opening"]
 
@@ -94,8 +92,6 @@ class Opening:
     def step(self) -> Signal | None:
         """Handle what has arrived; return RECEIVE, START_TLS or DONE, or None once writes
         are queued."""
-        from .engine import DONE, RECEIVE, START_TLS
-
         if self._step is _Step.DONE:
             return DONE
         if self._step is _Step.HANDSHAKE:

@@ -37,7 +37,8 @@ from .commands import REDACTED, Bdat, Command, Data, Ehlo, Helo, Quit, StartTLS
 from .content import Content, as_parts, data_parts
 from .errors import LocalProtocolError, RemoteProtocolError
 from .extensions import Extensions
-from .reply import Reply, ReplyParser, SMTPStatus
+from .parser import ReplyParser
+from .reply import Reply, SMTPStatus
 from .transcript import Transcript
 
 __all__ = [

@@ -1,4 +1,4 @@
-"""SMTP replies: the value, the status codes, and a bounded incremental parser.
+"""SMTP replies: the value, the status codes, and the escaping of server text.
 
 RFC 5321 §4.2: a reply is a three-digit code, then ``-`` (more lines follow) or a space
 (last line), then text, then CRLF.  A bare code with no text (``250``) is a legal last line.
@@ -6,13 +6,10 @@ Every line of a multi-line reply carries the same code.  RFC 2034 / RFC 3463 add
 enhanced status code (``2.0.0``) at the start of the text when the server advertised
 ENHANCEDSTATUSCODES.
 
-The parser holds at most :data:`MAX_LINE_LENGTH` bytes of an unfinished line and at most
-:data:`MAX_REPLY_LINES` lines of one reply, so a hostile server cannot make us buffer
-without end (RFC 5321 §4.5.3.1 bounds a reply line at 512 octets; extensions exceed it,
-so we accept far more, but not without limit).
+The bounded parser that makes replies from bytes is :mod:`.parser`.
 
-Server text is data: every reply line is passed through :func:`escape_controls` as it is
-decoded, so whoever reads a :class:`Reply` parsed here (transcript, exceptions, results,
+Server text is data: the parser passes every reply line through :func:`escape_controls` as
+it is decoded, so whoever reads a :class:`Reply` parsed here (transcript, exceptions, results,
 audit rows, admin, terminal) gets a line with no control character, no line separator, no
 NUL and no bidirectional override in it.
 """
@@ -24,22 +21,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Final
 
-from .errors import RemoteProtocolError
-
-__all__ = [
-    "MAX_LINE_LENGTH",
-    "MAX_REPLY_LINES",
-    "Reply",
-    "ReplyParser",
-    "SMTPStatus",
-    "escape_controls",
-]
-
-MAX_LINE_LENGTH: Final = 8192
-"""Longest reply line we accept, CRLF included (RFC 5321 says 512; extensions say more)."""
-
-MAX_REPLY_LINES: Final = 200
-"""Most lines one reply may have; a server listing more is treated as hostile."""
+__all__ = ["Reply", "SMTPStatus", "escape_controls"]
 
 
 _ESCAPED: Final = re.compile(
@@ -170,103 +152,3 @@ class Reply:
             f"{self.code}{' ' if i == last else '-'}{line}".rstrip()
             for i, line in enumerate(self.lines)
         )
-
-
-_CODE_LINE: Final = re.compile(rb"([2-5][0-9][0-9])([ -]|$)")
-
-
-class ReplyParser:
-    """Incremental, bounded reply parser: :meth:`feed` bytes, take :meth:`next_reply`.
-
-    Lines end in CRLF; a bare LF is tolerated (as most clients do), a CR before it is
-    dropped.  Any other CR, and every control character, is escaped in the text (see
-    :func:`escape_controls`): one line on the wire is one line of the reply.
-
-    Raises :class:`RemoteProtocolError` for a line that is not a reply line, a
-    multi-line reply whose codes disagree, a line longer than ``max_line_length`` or a reply
-    longer than ``max_lines`` lines.  After an error the parser is unusable: the session
-    must be abandoned.
-    """
-
-    def __init__(
-        self, *, max_line_length: int = MAX_LINE_LENGTH, max_lines: int = MAX_REPLY_LINES
-    ) -> None:
-        self._buffer = bytearray()
-        self._code: int | None = None
-        self._lines: list[str] = []
-        self._max_line_length = max_line_length
-        self._max_lines = max_lines
-        self._failed: RemoteProtocolError | None = None
-
-    @property
-    def buffered(self) -> int:
-        """How many received bytes are not yet part of a complete reply."""
-        return len(self._buffer) + sum(len(line) for line in self._lines)
-
-    def peek(self, count: int) -> bytes:
-        """Up to ``count`` leading bytes of what is buffered, left in place."""
-        if self._lines:  # inside a multi-line reply: its code is what comes first
-            return str(self._code).encode()[:count]
-        return bytes(self._buffer[:count])
-
-    def feed(self, data: bytes) -> None:
-        """Add bytes received from the server."""
-        if self._failed:
-            raise self._failed
-        self._buffer += data
-
-    def discard(self) -> bytes:
-        """Drop and return everything buffered (used after STARTTLS's 220)."""
-        pending = bytes(self._buffer)
-        self._buffer.clear()
-        self._code = None
-        self._lines.clear()
-        return pending
-
-    def next_reply(self) -> Reply | None:
-        """Return the next complete reply, or ``None`` if more data is needed."""
-        if self._failed:
-            raise self._failed
-        try:
-            return self._next_reply()
-        except RemoteProtocolError as error:
-            self._failed = error
-            self._buffer.clear()
-            raise
-
-    def _next_reply(self) -> Reply | None:
-        while True:
-            end = self._buffer.find(b"\n", 0, self._max_line_length)
-            if end < 0:
-                if len(self._buffer) >= self._max_line_length:
-                    raise RemoteProtocolError(
-                        f"reply line longer than {self._max_line_length} bytes"
-                    )
-                return None
-            raw = bytes(self._buffer[:end])
-            del self._buffer[: end + 1]
-            if raw.endswith(b"\r"):
-                raw = raw[:-1]
-            match = _CODE_LINE.match(raw)
-            if not match:
-                raise RemoteProtocolError(f"malformed reply line {_preview(raw)}")
-            code = int(match.group(1))
-            if self._code is not None and code != self._code:
-                raise RemoteProtocolError(
-                    f"reply line code {code} differs from {self._code} earlier in the same reply"
-                )
-            self._code = code
-            self._lines.append(escape_controls(raw[4:].decode("utf-8", "replace")))
-            if match.group(2) != b"-":
-                reply = Reply(code, tuple(self._lines))
-                self._code = None
-                self._lines = []
-                return reply
-            if len(self._lines) >= self._max_lines:
-                raise RemoteProtocolError(f"reply longer than {self._max_lines} lines")
-
-
-def _preview(raw: bytes, limit: int = 60) -> str:
-    """A short, printable rendering of server bytes for an error message."""
-    text = repr(raw[:limit])
-    return text + ("..." if len(raw) > limit else "")
