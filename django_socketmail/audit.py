@@ -10,6 +10,15 @@ Guarantees:
 
 - a failed write never changes the send result and never causes a resend: it is reported
   on the ``django_socketmail`` logger and dropped;
+- one flush spends at most about :data:`WRITE_BUDGET` seconds on SQLite, waits for a
+  lock held elsewhere and retries included (a backup or a long transaction in another
+  process costs the rows of that flush, not the caller's time);
+- every text value goes through :func:`~.models.storable`: a NUL (which PostgreSQL refuses
+  in text) is stored as the visible escape ``\\x00`` and every value fits its column, so
+  nothing a server or a user writes (a reply line, a Subject typed into a form) costs rows;
+- without ``"django_socketmail"`` in ``INSTALLED_APPS`` there are no tables to write to:
+  the audit log is off, with one warning per process that names the fix;
+- a session row is only ever updated in the database it was created in;
 - rows survive the caller's rollback: when the audit database's connection is inside an
   atomic block, rows are written through a separate connection to the same database, or
   to the ``audit_database`` alias when one is set.  SQLite has a single writer: if the
@@ -21,14 +30,21 @@ Guarantees:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
+from datetime import timezone as dt_timezone
 from typing import TYPE_CHECKING, Any, Final
 
+from django.apps import apps
+from django.conf import settings
+from django.core.exceptions import AppRegistryNotReady
+from django.core.signals import setting_changed
 from django.db import OperationalError, connections, router, transaction
 from django.utils import timezone
 
@@ -46,12 +62,58 @@ __all__ = ["AuditRecorder", "render_lines"]
 logger = logging.getLogger("django_socketmail")
 
 CLONE_SUFFIX = "__socketmail_audit"
-LOCKED_RETRY_PAUSES = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5)
-"""Pauses between tries of a write that found the database locked (about 1.5 s in all)."""
+WRITE_BUDGET: Final = 1.5
+"""Most seconds one flush spends writing, tries, pauses and SQLite's waits for a lock
+included (the busy timeout of each try is cut to what is left)."""
+LOCKED_RETRY_PAUSES: Final = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5)
+"""Pauses between tries of a write that found the database locked, within the budget."""
+APP_LABEL: Final = "django_socketmail"
 MAX_SESSION_LINES = 2000
 """The session's own transcript (outside messages) keeps its latest lines only."""
 _HEAD_BYTES: Final = 64 * 1024
 """The Message-ID header is looked for in this many leading bytes of the message."""
+
+
+_installed: bool | None = None
+"""Whether the app is in INSTALLED_APPS, once looked up (reset when the setting changes)."""
+_warned_not_installed = False
+_warn_lock: Final = threading.Lock()
+
+
+def _app_installed() -> bool:
+    """Whether ``"django_socketmail"`` is installed (its tables can exist): a cached check,
+    with one warning per process when it is not."""
+    global _installed, _warned_not_installed
+    installed = _installed
+    if installed is None:
+        try:
+            installed = _installed = apps.is_installed(APP_LABEL)
+        except AppRegistryNotReady:
+            return False
+    if installed or _warned_not_installed:
+        return installed
+    with _warn_lock:
+        if _warned_not_installed:
+            return False
+        _warned_not_installed = True
+    logger.warning(
+        "django-socketmail: the audit log is off because %r is not in INSTALLED_APPS, so "
+        "its tables cannot exist. Add %r to INSTALLED_APPS and run migrate to keep the "
+        "log of every SMTP conversation, or set audit_log=False (SOCKETMAIL or the "
+        "backend's OPTIONS) to say you do not want it. Mail is sent either way.",
+        APP_LABEL,
+        APP_LABEL,
+    )
+    return False
+
+
+def _forget_installed(*, setting: str, **kwargs: Any) -> None:
+    global _installed
+    if setting == "INSTALLED_APPS":
+        _installed = None
+
+
+setting_changed.connect(_forget_installed, dispatch_uid="django_socketmail.audit.installed")
 
 
 def render_lines(lines: list[TranscriptLine]) -> str:
@@ -77,7 +139,8 @@ class AuditRecorder:
     mailer: str
     client: SMTPClient
     started: datetime = field(default_factory=timezone.now)
-    _session_pk: int | None = None
+    _session_pks: dict[str, int] = field(default_factory=dict)
+    """The session's row in each database written to, by alias (committed rows only)."""
     _session_lines: list[TranscriptLine] = field(default_factory=list)
     _messages: list[_MessageRecord] = field(default_factory=list)
     _ended: datetime | None = None
@@ -86,11 +149,18 @@ class AuditRecorder:
     def message_finished(
         self, message: EmailMessage | None, result: SendResult, raw: Sequence[bytes]
     ) -> None:
-        """Record one attempt, with its own part of the transcript (``result.transcript``)."""
+        """Record one attempt, with its own part of the transcript (``result.transcript``).
+
+        The row's ``created`` is ``result.started`` (the wall-clock time its first command
+        was written) and its ``duration`` is ``result.elapsed``.  Nothing is kept when the
+        audit log is off.
+        """
+        if not self._enabled():
+            return
         body_bytes = self.options.audit_body_bytes
         self._messages.append(
             _MessageRecord(
-                created=timezone.now() - timedelta(seconds=result.elapsed),
+                created=_wall_clock(result.started),
                 result=result,
                 message_id=_header(message, "Message-ID", _leading(raw, _HEAD_BYTES)),
                 subject=str(message.subject) if message is not None else "",
@@ -105,10 +175,12 @@ class AuditRecorder:
         self._error = error
 
     def flush(self) -> None:
-        """Write what is buffered; never raises."""
+        """Write what is buffered, in at most about :data:`WRITE_BUDGET` seconds on SQLite;
+        never raises (a failed write is logged and its rows dropped).  Returns at once when
+        the audit log is off or the app is not installed."""
         self._session_lines += self.client.transcript.take_untapped()
         del self._session_lines[:-MAX_SESSION_LINES]
-        if not self.options.audit_log:
+        if not self._enabled():
             self._messages.clear()
             return
         try:
@@ -123,10 +195,14 @@ class AuditRecorder:
         finally:
             self._messages.clear()
 
+    def _enabled(self) -> bool:
+        return self.options.audit_log and _app_installed()
+
     def _write(self) -> None:
+        deadline = time.monotonic() + WRITE_BUDGET
         alias, clone = _audit_alias(self.options.audit_database)
         try:
-            self._write_rows_retrying(alias, retry=clone is None)
+            self._write_rows_retrying(alias, deadline, retry=clone is None)
         except OperationalError:
             if clone is None or clone.vendor != "sqlite":
                 raise
@@ -137,22 +213,27 @@ class AuditRecorder:
                 "rows are written inside it and will vanish if it rolls back; set "
                 "SOCKETMAIL['audit_database'] to a separate database to keep them."
             )
-            self._write_rows(alias.removesuffix(CLONE_SUFFIX))
+            self._write_rows_retrying(alias.removesuffix(CLONE_SUFFIX), deadline, retry=False)
         finally:
             if clone is not None:
                 _close_clone(clone)
 
-    def _write_rows_retrying(self, alias: str, *, retry: bool) -> None:
-        """Write; a database that is briefly locked by another writer (SQLite) is retried a
-        few times (with jitter, so writers do not collide again) rather than losing rows."""
-        for pause in (*LOCKED_RETRY_PAUSES, None) if retry else (None,):
+    def _write_rows_retrying(self, alias: str, deadline: float, *, retry: bool) -> None:
+        """Write before ``deadline`` (a :func:`time.monotonic` value); a database that is
+        briefly locked by another writer (SQLite) is retried a few times (with jitter, so
+        writers do not collide again) while time is left, rather than losing rows."""
+        pauses = iter(LOCKED_RETRY_PAUSES if retry else ())
+        while True:
             try:
-                self._write_rows(alias)
+                with _busy_timeout(alias, deadline):
+                    self._write_rows(alias)
                 return
             except OperationalError as error:
-                if pause is None or "locked" not in str(error):
+                pause = next(pauses, None)
+                left = deadline - time.monotonic()
+                if pause is None or left <= 0 or "locked" not in str(error):
                     raise
-                time.sleep(pause * random.uniform(0.5, 1.5))
+                time.sleep(min(left, pause * random.uniform(0.5, 1.5)))
 
     def _write_rows(self, alias: str) -> None:
         from .models import MessageLog, RecipientLog, SessionLog
@@ -174,10 +255,10 @@ class AuditRecorder:
             recipient_rows = [
                 (
                     message_id,
-                    _cut(RecipientLog, "address", r.address),
+                    _text(RecipientLog, "address", r.address),
                     r.status.value,
                     r.reply.code if r.reply else None,
-                    r.reply.text if r.reply else "",
+                    _text(RecipientLog, "reply", r.reply.text if r.reply else ""),
                 )
                 for message_id, record in zip(ids, self._messages, strict=True)
                 for r in record.result.recipients
@@ -185,36 +266,44 @@ class AuditRecorder:
             _insert_many(alias, RecipientLog, _RECIPIENT_COLUMNS, recipient_rows)
 
     def _save_session(self, model: Any, alias: str) -> Any:
+        """Create the session's row in ``alias``'s database, or update the one created there
+        before (a row in another database is never touched)."""
         info = self.client.info
         error = self._error
         values: dict[str, Any] = {
-            "mailer": self.mailer,
-            "host": self.options.host,
+            "mailer": _text(model, "mailer", self.mailer),
+            "host": _text(model, "host", self.options.host),
             "port": self.options.port,
-            "tls_version": info.tls_version or "",
-            "tls_cipher": info.tls_cipher or "",
-            "certificate": _cut(model, "certificate", info.peer_certificate),
-            "auth_mechanism": info.auth_mechanism or "",
-            "auth_username": _cut(model, "auth_username", info.auth_username),
-            "local_hostname": _cut(model, "local_hostname", info.local_hostname),
-            "greeting": str(info.greeting) if info.greeting else "",
-            "extensions": "\n".join(
-                f"{k} {v}".strip() for k, v in info.extensions.keywords.items()
+            "tls_version": _text(model, "tls_version", info.tls_version),
+            "tls_cipher": _text(model, "tls_cipher", info.tls_cipher),
+            "certificate": _text(model, "certificate", info.peer_certificate),
+            "auth_mechanism": _text(model, "auth_mechanism", info.auth_mechanism),
+            "auth_username": _text(model, "auth_username", info.auth_username),
+            "local_hostname": _text(model, "local_hostname", info.local_hostname),
+            "greeting": _text(model, "greeting", info.greeting),
+            "extensions": _text(
+                model,
+                "extensions",
+                "\n".join(f"{k} {v}".strip() for k, v in info.extensions.keywords.items()),
             ),
             "outcome": "failed" if error is not None else "ok",
-            "error_class": _cut(model, "error_class", _class_name(error)),
-            "error": str(error) if error is not None else "",
+            "error_class": _text(model, "error_class", _class_name(error)),
+            "error": _text(model, "error", error),
             "messages_sent": info.messages_sent,
             "ended": self._ended,
-            "transcript": render_lines(self._session_lines),
+            "transcript": _text(model, "transcript", render_lines(self._session_lines)),
         }
-        if self._session_pk is None:
+        database = alias.removesuffix(CLONE_SUFFIX)  # our clone reaches the same database
+        pk = self._session_pks.get(database)
+        if pk is None:
             session = model.objects.using(alias).create(created=self.started, **values)
             # Known only once the transaction commits (a retry must create it again).
-            transaction.on_commit(lambda: setattr(self, "_session_pk", session.pk), using=alias)
+            transaction.on_commit(
+                lambda: self._session_pks.__setitem__(database, session.pk), using=alias
+            )
             return session
-        model.objects.using(alias).filter(pk=self._session_pk).update(**values)
-        return model(pk=self._session_pk)
+        model.objects.using(alias).filter(pk=pk).update(**values)
+        return model(pk=pk)
 
     @staticmethod
     def _message_row(
@@ -228,20 +317,20 @@ class AuditRecorder:
             session_id,
             created,
             result.status.value,
-            _cut(model, "message_id", record.message_id),
-            _cut(model, "sender", result.mail_from),
-            ", ".join(r.address for r in result.recipients),
-            _cut(model, "subject", record.subject),
+            _text(model, "message_id", record.message_id),
+            _text(model, "sender", result.mail_from),
+            _text(model, "recipients", ", ".join(r.address for r in result.recipients)),
+            _text(model, "subject", record.subject),
             result.size,
             final.code if final else None,
-            final.text if final else "",
-            _cut(model, "queue_id", result.queue_id),
+            _text(model, "final_reply", final.text if final else ""),
+            _text(model, "queue_id", result.queue_id),
             result.elapsed,
-            _cut(model, "error_class", _class_name(error)),
-            str(error) if error is not None else "",
+            _text(model, "error_class", _class_name(error)),
+            _text(model, "error", error),
             _transient(result),
-            record.transcript,
-            record.body,
+            _text(model, "transcript", record.transcript),
+            _text(model, "body", record.body),
         )
 
 
@@ -329,6 +418,26 @@ def _insert_many(
         cursor.executemany(sql, rows)
 
 
+@contextlib.contextmanager
+def _busy_timeout(alias: str, deadline: float) -> Iterator[None]:
+    """On SQLite, wait for another writer's lock at most until ``deadline``, then put the
+    connection's own busy timeout back.  Other databases: nothing to do."""
+    connection = connections[alias]
+    if connection.vendor != "sqlite":
+        yield
+        return
+    connection.ensure_connection()
+    raw = connection.connection
+    (configured,) = raw.execute("PRAGMA busy_timeout").fetchone()
+    left_ms = max(0, int((deadline - time.monotonic()) * 1000))
+    raw.execute(f"PRAGMA busy_timeout = {min(left_ms, int(configured))}")
+    try:
+        yield
+    finally:
+        if connection.connection is raw:
+            raw.execute(f"PRAGMA busy_timeout = {int(configured)}")
+
+
 def _close_clone(clone: Any) -> None:
     """Close our own connection, even to an in-memory SQLite database (whose wrapper ignores
     close() to protect the data: the caller's connection keeps it alive)."""
@@ -341,10 +450,20 @@ def _close_clone(clone: Any) -> None:
         del connections[clone.alias]
 
 
-def _cut(model: Any, name: str, value: Any) -> str:
-    from .models import truncate
+def _text(model: Any, name: str, value: Any) -> str:
+    """``value`` made storable in the column ``name`` of ``model``: every text value the
+    recorder writes goes through here (see :func:`.models.storable`)."""
+    from .models import storable
 
-    return truncate(value, model._meta.get_field(name))
+    return storable(value, model._meta.get_field(name))
+
+
+def _wall_clock(timestamp: float) -> datetime:
+    """A :func:`time.time` value as Django stores a datetime (aware UTC with ``USE_TZ``,
+    else naive local time, like :func:`django.utils.timezone.now`)."""
+    if settings.USE_TZ:
+        return datetime.fromtimestamp(timestamp, tz=dt_timezone.utc)
+    return datetime.fromtimestamp(timestamp)
 
 
 def _class_name(error: BaseException | None) -> str:
@@ -377,11 +496,20 @@ def _leading(parts: Sequence[bytes], limit: int) -> bytes:
 
 
 def _header(message: EmailMessage | None, name: str, raw: bytes) -> str:
-    """A header's value from the serialized message (the one actually sent)."""
+    """The first ``name`` header's value in the serialized message (the one actually sent),
+    unfolded (RFC 5322 §2.2.3: a CRLF followed by a space or a tab is removed) and stripped;
+    ``""`` when the header section has none.  Django 5.2 folds a Message-ID longer than 66
+    characters: ``Message-ID: \\r\\n <...>``."""
     end = raw.find(b"\r\n\r\n")
     head = raw[: end if end >= 0 else len(raw)]
     prefix = name.lower().encode() + b":"
-    for line in head.split(b"\r\n"):
+    lines = head.split(b"\r\n")
+    for index, line in enumerate(lines):
         if line.lower().startswith(prefix):
-            return line[len(prefix) :].strip().decode("ascii", "replace")
+            value = [line[len(prefix) :]]
+            for continuation in lines[index + 1 :]:
+                if not continuation.startswith((b" ", b"\t")):
+                    break
+                value.append(continuation)
+            return b"".join(value).strip().decode("ascii", "replace")
     return ""

@@ -10,13 +10,14 @@ Built for the questions people ask of it:
 - "which queue id matches this bounce?" — ``MessageLog.queue_id`` (indexed) next to the
   raw final reply.
 
-Rows are written by :mod:`.audit` only, in batches; values are
-truncated to fit their columns, and no column ever holds a credential.
+Rows are written by :mod:`.audit` only, in batches; every text value passes through
+:func:`storable` (NUL escaped, cut to fit its column), and no column ever holds a credential.
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+import re
+from typing import Any, ClassVar, Final
 
 from django.db import models
 from django.utils import timezone
@@ -24,7 +25,7 @@ from django.utils.translation import gettext_lazy as _
 
 from .smtp.result import RecipientStatus, SendStatus
 
-__all__ = ["MessageLog", "RecipientLog", "SessionLog"]
+__all__ = ["MessageLog", "RecipientLog", "SessionLog", "storable"]
 
 
 class SessionOutcome(models.TextChoices):
@@ -142,9 +143,28 @@ class RecipientLog(models.Model):
         return f"{self.address}: {self.status}"
 
 
-def truncate(value: Any, field: models.Field[Any, Any]) -> str:
-    """``value`` as text cut to fit ``field``'s max_length (with an ellipsis)."""
+_UNSTORABLE: Final = re.compile("[\x00\ud800-\udfff]")
+"""Characters some database refuses in text: NUL (PostgreSQL) and lone surrogates (no UTF-8
+encoder takes them: psycopg and sqlite3 both raise)."""
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def storable(value: Any, field: models.Field[Any, Any]) -> str:
+    """``value`` as text that SQLite and PostgreSQL store in ``field``.
+
+    ``None`` is ``""``; anything else is ``str(value)`` with each NUL written as the visible
+    escape ``\\x00`` and each lone surrogate as ``\\udXXX`` (the form of
+    :func:`.smtp.reply.escape_controls`, which server lines have been through already), then
+    cut to the field's ``max_length`` with an ellipsis (after escaping, which lengthens).
+    A value without those characters that fits is returned unchanged.
+    """
     text = "" if value is None else str(value)
+    if _UNSTORABLE.search(text) is not None:
+        text = _UNSTORABLE.sub(_escape, text)
     limit = field.max_length
     if limit is not None and len(text) > limit:
         return text[: limit - 1] + "…"

@@ -3,23 +3,44 @@
 from __future__ import annotations
 
 import base64
+import contextlib
+import dataclasses
 import hashlib
 import hmac
 import io
 import logging
-from datetime import timedelta
-from typing import Any
+import sqlite3
+import time
+from collections.abc import Iterator
+from datetime import datetime, timedelta
+from datetime import timezone as dt_timezone
+from pathlib import Path
+from typing import Any, Final
 
 import pytest
+from django.conf import settings
 from django.contrib.auth.models import Permission, User
+from django.core.mail.message import make_msgid
 from django.core.management import call_command
-from django.db import models, transaction
-from django.test import Client
+from django.db import connections, models, transaction
+from django.db.backends.sqlite3.base import DatabaseWrapper as SQLiteWrapper
+from django.test import Client, override_settings
 from django.utils import timezone
 
+from django_socketmail import audit
+from django_socketmail.audit import AuditRecorder, _header
+from django_socketmail.email_backend import EmailBackend
 from django_socketmail.localserver import LocalSMTPServer
 from django_socketmail.models import MessageLog, RecipientLog, SessionLog
-from django_socketmail.smtp import AuthenticationError, ConnectionFailedError, ServerDisconnected
+from django_socketmail.smtp import (
+    AuthenticationError,
+    ConnectionFailedError,
+    RecipientResult,
+    RecipientStatus,
+    SendResult,
+    ServerDisconnected,
+    SMTPClient,
+)
 
 from .conftest import PASSWORD, USER, BackendFactory
 from .hostile.server import HostileSMTPServer, close, reply, standard_session
@@ -273,15 +294,6 @@ def _credential_forms(user: str, password: str) -> list[str]:
     return forms
 
 
-def _all_text(model: type[models.Model]) -> str:
-    fields = [
-        f.name
-        for f in model._meta.get_fields()
-        if isinstance(f, (models.CharField, models.TextField))
-    ]
-    return "\n".join(str(v) for row in model.objects.values_list(*fields) for v in row)
-
-
 def _send_some(make_backend: BackendFactory, server: LocalSMTPServer) -> None:
     backend = audited(make_backend, server, username=USER, password=PASSWORD, fail_silently=True)
     backend.send_messages(
@@ -367,3 +379,242 @@ def test_no_missing_migrations() -> None:
     call_command(
         "makemigrations", "django_socketmail", "--check", "--dry-run", stdout=io.StringIO()
     )
+
+
+# -- faults of round two: hostile text, a locked database, folded headers, setup, timing --
+
+
+@pytest.fixture(
+    scope="session",
+    params=[
+        "default",
+        pytest.param(
+            "postgres",
+            marks=[
+                pytest.mark.django_db(transaction=True, databases=["default", "postgres"]),
+                pytest.mark.postgres,
+            ],
+        ),
+    ],
+)
+def alias(request: pytest.FixtureRequest) -> str:
+    """The audit database of a test run on each kind: SQLite (the suite's default database)
+    and the real PostgreSQL of tests/pg.py.  Session-scoped, so the alias exists before
+    pytest-django sets the test's databases up."""
+    if request.param == "postgres":
+        request.getfixturevalue("postgres_database")
+    name: str = request.param
+    return name
+
+
+def test_nul_from_a_user_or_a_server_costs_no_row(make_backend: BackendFactory, alias: str) -> None:
+    # A NUL typed into a contact form's Subject (Django lets it through), one in the body,
+    # and a server that puts NUL into its RCPT and final replies: PostgreSQL refuses text
+    # with NUL, and the whole transaction (every row of the call) used to be lost with it.
+    rules = {
+        "RCPT": reply(250, b"2.1.5 Ok\x00 recipient"),
+        ".": reply(250, b"2.0.0 Ok: queued as ABC\x00DEF"),
+    }
+    with HostileSMTPServer(standard_session(rules)) as server:
+        backend = audited(make_backend, server, audit_database=alias, audit_body_bytes=4096)
+        form = message(["a@example.com"], body="line one\x00line two\n")
+        form.subject = "Contact form: hello\x00world"
+        assert backend.send_messages([form, message(["b@example.com"])]) == 2
+    rows = MessageLog.objects.using(alias).order_by("pk")
+    assert [row.status for row in rows] == ["sent", "sent"]
+    assert rows[0].subject == "Contact form: hello\\x00world"
+    assert "line one\\x00line two" in rows[0].body
+    assert all(row.final_reply == "2.0.0 Ok: queued as ABC\\x00DEF" for row in rows)
+    recipients = RecipientLog.objects.using(alias).order_by("pk")
+    assert [r.reply for r in recipients] == ["2.1.5 Ok\\x00 recipient"] * 2
+    assert SessionLog.objects.using(alias).get().messages_sent == 2
+    dump = _all_text(SessionLog, alias) + _all_text(MessageLog, alias)
+    assert "\x00" not in dump + _all_text(RecipientLog, alias)
+
+
+def test_escaped_values_still_fit_their_columns(make_backend: BackendFactory, alias: str) -> None:
+    # A NUL escape is four characters: a Subject at the column's limit grows past it, and
+    # PostgreSQL refuses a value longer than a varchar (SQLite would keep it whole).
+    limit = MessageLog._meta.get_field("subject").max_length
+    assert limit is not None
+    with HostileSMTPServer(standard_session()) as server:
+        backend = audited(make_backend, server, audit_database=alias)
+        form = message()
+        form.subject = "\x00" * limit
+        assert backend.send_messages([form]) == 1
+    subject = MessageLog.objects.using(alias).get().subject
+    assert len(subject) == limit
+    assert subject.startswith("\\x00\\x00") and subject.endswith("…")
+
+
+def _all_text(model: type[models.Model], alias: str = "default") -> str:
+    fields = [
+        f.name
+        for f in model._meta.get_fields()
+        if isinstance(f, (models.CharField, models.TextField))
+    ]
+    rows = model.objects.using(alias).values_list(*fields)
+    return "\n".join(str(v) for row in rows for v in row)
+
+
+@contextlib.contextmanager
+def file_database(path: Path, alias: str) -> Iterator[str]:
+    """A Django alias (this thread only) for an SQLite file database holding the audit
+    tables, with Django's default options (Python's 5 s busy timeout); removed afterwards."""
+    entry = connections.configure_settings(
+        {"default": dict(connections.settings["default"]), alias: {"NAME": str(path)}}
+    )[alias]
+    entry["ENGINE"] = "django.db.backends.sqlite3"
+    connections[alias] = SQLiteWrapper(entry, alias=alias)
+    try:
+        with connections[alias].schema_editor() as editor:
+            for model in (SessionLog, MessageLog, RecipientLog):
+                editor.create_model(model)
+        yield alias
+    finally:
+        connections[alias].close()
+        del connections[alias]
+
+
+def test_a_locked_sqlite_database_costs_at_most_the_documented_time(
+    make_backend: BackendFactory,
+    starttls_server: LocalSMTPServer,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A backup, or a long transaction in another process, holds the database: the audit
+    # write gives up within its documented total (about 1.5 s) and the send result stands.
+    path = tmp_path / "audit.sqlite3"
+    with file_database(path, "locked_file") as alias:
+        other = sqlite3.connect(path, isolation_level=None)
+        try:
+            other.execute("BEGIN EXCLUSIVE")
+            backend = audited(make_backend, starttls_server, audit_database=alias)
+            started = time.monotonic()
+            with caplog.at_level(logging.ERROR, logger="django_socketmail"):
+                assert backend.send_messages([message(), message()]) == 2
+            elapsed = time.monotonic() - started
+            assert elapsed < 3.0, f"send_messages() took {elapsed:.1f} s on a locked database"
+            assert "could not write the audit log" in caplog.text
+            assert len(starttls_server.wait_for_messages(2)) == 2  # sent once each
+            other.execute("ROLLBACK")
+        finally:
+            other.close()
+        # The lock is gone: the next call writes its rows (the busy timeout is restored).
+        assert backend.send_messages([message()]) == 1
+        assert MessageLog.objects.using(alias).count() == 1
+        with connections[alias].cursor() as cursor:
+            cursor.execute("PRAGMA busy_timeout")
+            assert cursor.fetchone()[0] == 5000
+
+
+LONG_MSGID_DOMAIN: Final = "ip-10-0-1-23.eu-west-1.compute.internal"
+
+
+def test_a_folded_message_id_is_unfolded() -> None:
+    # Django 5.2 folds a Message-ID over 66 characters onto a continuation line; 6.1 does
+    # not.  Either way the header's value is the id (RFC 5322 §2.2.3: unfold, then read).
+    msgid = make_msgid(domain=LONG_MSGID_DOMAIN)
+    raw = message(headers={"Message-ID": msgid}).message().as_bytes(linesep="\r\n")
+    assert _header(None, "Message-ID", raw) == msgid
+    folded = b"Subject: x\r\nMessage-ID:\r\n <a.b@example.com>\r\nTo: y@example.com\r\n\r\nbody"
+    assert _header(None, "Message-ID", folded) == "<a.b@example.com>"
+    tabbed = b"Message-Id:\r\n\t<part-one\r\n  .part-two@example.com>\r\nX: 1\r\n\r\n"
+    assert _header(None, "Message-ID", tabbed) == "<part-one  .part-two@example.com>"
+    assert _header(None, "Message-ID", b"Message-ID-X: <no@example.com>\r\n\r\n") == ""
+    assert _header(None, "Message-ID", b"To: a@example.com\r\n\r\nMessage-ID: <body>") == ""
+
+
+def test_a_long_message_id_is_stored_whole(
+    make_backend: BackendFactory, starttls_server: LocalSMTPServer
+) -> None:
+    msgid = make_msgid(domain=LONG_MSGID_DOMAIN)
+    backend = audited(make_backend, starttls_server)
+    assert backend.send_messages([message(headers={"Message-ID": msgid})]) == 1
+    assert msgid.encode() in starttls_server.wait_for_messages(1)[0].data
+    assert MessageLog.objects.get().message_id == msgid
+
+
+WITHOUT_THE_APP: Final = [app for app in settings.INSTALLED_APPS if app != "django_socketmail"]
+
+
+def test_without_the_app_installed_the_audit_log_is_off_with_one_warning(
+    make_backend: BackendFactory,
+    starttls_server: LocalSMTPServer,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The README's first lines set EMAIL_BACKEND only.  The backend must work; the audit
+    # log is off, said once per process with the fix, not a traceback on every send.
+    monkeypatch.setattr(audit, "_warned_not_installed", False, raising=False)
+    with (
+        override_settings(INSTALLED_APPS=WITHOUT_THE_APP),
+        caplog.at_level(logging.DEBUG, logger="django_socketmail"),
+    ):
+        for _ in range(3):
+            assert make_backend(starttls_server, audit_log=True).send_messages([message()]) == 1
+        pooled = make_backend(starttls_server, audit_log=True, pool=True)
+        assert pooled.send_messages([message(), message()]) == 2
+    assert len(starttls_server.wait_for_messages(5)) == 5
+    records = [r for r in caplog.records if r.name.startswith("django_socketmail")]
+    assert not [r for r in records if r.exc_info is not None]  # no traceback at any level
+    (warning,) = [r for r in records if r.levelno >= logging.WARNING]
+    assert warning.levelno == logging.WARNING
+    text = warning.getMessage()
+    assert "INSTALLED_APPS" in text and "audit_log" in text
+    assert SessionLog.objects.count() == MessageLog.objects.count() == 0
+    # Installed again: logging resumes.
+    assert make_backend(starttls_server, audit_log=True).send_messages([message()]) == 1
+    assert MessageLog.objects.count() == 1
+
+
+def _recorder(**options: Any) -> AuditRecorder:
+    backend = EmailBackend(host="127.0.0.1", port=25, audit_log=True, **options)
+    return AuditRecorder(backend.options, "default", SMTPClient(backend.options.client_config()))
+
+
+def _result(address: str, *, started: float, elapsed: float) -> SendResult:
+    recipient = RecipientResult(address, RecipientStatus.DELIVERED)
+    return SendResult("sender@example.com", [recipient], started=started, elapsed=elapsed)
+
+
+def test_each_row_has_its_own_start_and_duration() -> None:
+    # Each message's own wall-clock start (when its first command was written) and its own
+    # seconds until its outcome: not the batch's average, not back-dated from "now".
+    recorder = _recorder()
+    first = _result("a@example.com", started=1_700_000_000.25, elapsed=0.5)
+    second = _result("b@example.com", started=1_700_000_003.125, elapsed=0.0625)
+    raw = [message().message().as_bytes(linesep="\r\n")]
+    recorder.message_finished(None, first, raw)
+    recorder.message_finished(None, second, raw)
+    recorder.flush()
+    rows = MessageLog.objects.order_by("pk")
+    assert [(row.created, row.duration) for row in rows] == [
+        (datetime(2023, 11, 14, 22, 13, 20, 250000, tzinfo=dt_timezone.utc), 0.5),
+        (datetime(2023, 11, 14, 22, 13, 23, 125000, tzinfo=dt_timezone.utc), 0.0625),
+    ]
+
+
+@pytest.mark.django_db(transaction=True, databases=["default", "audit"])
+def test_a_session_row_is_never_updated_in_another_database() -> None:
+    # The recorder's row lives in the database it was created in.  Asked to write to another
+    # alias (a borrower with another audit_database, a router that moved), it creates a row
+    # there rather than updating whatever row has the same primary key.
+    recorder = _recorder(audit_database="default")
+    recorder.flush()
+    mine = SessionLog.objects.using("default").get()
+    # The collision the old code fell into: a row of the same primary key over there.
+    unrelated = SessionLog.objects.using("audit").create(pk=mine.pk, host="other.example", port=1)
+    recorder.options = dataclasses.replace(recorder.options, audit_database="audit")
+    recorder.message_finished(None, _result("a@example.com", started=time.time(), elapsed=0), [])
+    recorder.session_ended(None)
+    recorder.flush()
+    assert SessionLog.objects.using("audit").get(pk=unrelated.pk).host == "other.example"
+    moved = SessionLog.objects.using("audit").exclude(pk=unrelated.pk).get()
+    assert moved.host == "127.0.0.1" and moved.ended is not None
+    assert MessageLog.objects.using("audit").get().session_id == moved.pk
+    # Back in the first database: its own row again, not a new one.
+    recorder.options = dataclasses.replace(recorder.options, audit_database="default")
+    recorder.flush()
+    assert SessionLog.objects.using("default").get().pk == mine.pk
+    assert SessionLog.objects.using("default").get().ended is not None
