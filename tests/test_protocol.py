@@ -201,3 +201,26 @@ def test_package_import_does_not_import_models() -> None:
         "assert 'django_socketmail.email_backend' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_only_the_drivers_touch_sockets_clocks_or_threads() -> None:
+    """The sans-I/O modules import no socket, ssl, selector, clock or thread: only the
+    drivers (client.py, aio.py) and what they share (transport.py) do."""
+    import ast
+    from pathlib import Path
+
+    import django_socketmail.smtp as package
+
+    io = {"socket", "ssl", "select", "selectors", "asyncio", "time", "threading"}
+    drivers = {"client", "aio", "transport"}
+    offenders = []
+    for path in Path(package.__file__).parent.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name.split(".")[0] for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module.split(".")[0]]
+            offenders += [(path.stem, n) for n in names if n in io and path.stem not in drivers]
+    assert offenders == [("result", "time"), ("transcript", "time")]

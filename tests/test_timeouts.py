@@ -16,7 +16,7 @@ from django.core.mail import EmailMessage
 from django.core.mail.utils import DNS_NAME
 
 from django_socketmail.email_backend import EmailBackend
-from django_socketmail.smtp import SMTPTimeoutError, client
+from django_socketmail.smtp import SMTPTimeoutError, transport
 
 from .hostile.server import HostileSMTPServer, standard_session
 
@@ -47,7 +47,7 @@ def test_a_hanging_lookup_of_our_own_name_falls_back_to_the_address(
         return "late.example"
 
     str(DNS_NAME)  # Django's own Message-ID name lookup, done before the resolver slows
-    monkeypatch.setattr(client, "_FQDN", [])
+    monkeypatch.setattr(transport, "_FQDN", [])
     monkeypatch.setattr(socket, "getfqdn", slow_fqdn)
     with HostileSMTPServer([standard_session()]) as server:
         backend = EmailBackend(host=server.host, port=server.port, timeout=TIMEOUT, audit_log=False)

@@ -1,4 +1,5 @@
-"""The blocking socket driver: the only module that imports ``socket`` and ``ssl``.
+"""The blocking socket driver (with :mod:`.transport` and the asyncio driver, the only
+modules that import ``socket`` and ``ssl``).
 
 :class:`SMTPClient` moves bytes between a TCP (or TLS) socket and the sans-I/O
 :class:`~.engine.Engine`, which holds every protocol rule; this module holds none.  It owns
@@ -14,23 +15,18 @@ result.  While it writes it also reads, so replies piling up unread do not stall
 from __future__ import annotations
 
 import contextlib
-import functools
-import ipaddress
 import os
 import selectors
 import socket
 import ssl
-import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Final, TypeVar, cast
+from collections.abc import Sequence
+from typing import Final
 
-from .address import idna_encode_domain
 from .config import DEFAULT_TIMEOUT, ClientConfig, SessionInfo, TLSMode
 from .content import Content
 from .engine import CLOSE, DONE, RECEIVE, START_TLS, Batch, Engine, Settled, Write
 from .errors import (
-    InvalidAddressError,
     LocalProtocolError,
     ServerDisconnected,
     SMTPTimeoutError,
@@ -40,8 +36,16 @@ from .errors import (
 from .protocol import SessionState, SMTPConnection
 from .transaction import Transaction
 from .transcript import Transcript
-
-_T = TypeVar("_T")
+from .transport import (
+    ConnectionFailedError,
+    ascii_host,
+    certificate_subject,
+    connect,
+    fqdn,
+    quickack,
+    resolve,
+    ssl_context,
+)
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -62,78 +66,6 @@ CHUNK: Final = 65536
 a look for replies between them."""
 WRITE_ALLOWANCE_BYTES: Final = 1 << 20
 """A write gets ``timeout`` seconds more for every this many bytes."""
-
-
-def ssl_context(config: ClientConfig) -> ssl.SSLContext:
-    """The client TLS context: chain and host name verified unless ``ssl_verify`` is off.
-    Cached while the CA, certificate and key files are unchanged (a rotated file is read
-    again on the next connection)."""
-    files = (config.ssl_cafile, config.ssl_certfile, config.ssl_keyfile)
-    return _ssl_context(*files, config.ssl_verify, tuple(map(_stamp, files)))
-
-
-def _stamp(path: str | None) -> tuple[int, int, int] | None:
-    if not path:
-        return None
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_ino, st.st_size, st.st_mtime_ns)
-
-
-@functools.lru_cache(maxsize=32)
-def _ssl_context(
-    cafile: str | None,
-    certfile: str | None,
-    keyfile: str | None,
-    verify: bool,
-    stamps: tuple[object, ...],
-) -> ssl.SSLContext:
-    context = ssl.create_default_context(cafile=cafile)
-    if certfile or keyfile:
-        context.load_cert_chain(certfile or "", keyfile)
-    if not verify:
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    return context
-
-
-_FQDN: list[str] = []
-"""This host's fully qualified name, once a lookup of it has finished."""
-
-
-def _bounded(lookup: Callable[[], _T], seconds: float) -> _T:
-    """``lookup()`` in a daemon thread, waited for at most ``seconds``: the resolver has no
-    timeout of its own.  Raises ``TimeoutError`` when it is still running (it finishes in
-    the background)."""
-    box: list[tuple[bool, Any]] = []
-
-    def run() -> None:
-        try:
-            box.append((True, lookup()))
-        except BaseException as error:  # handed to the waiting thread
-            box.append((False, error))
-
-    thread = threading.Thread(target=run, name="socketmail-lookup", daemon=True)
-    thread.start()
-    thread.join(max(0.0, seconds))
-    if not box:
-        raise TimeoutError
-    ok, value = box[0]
-    if not ok:
-        raise value
-    return cast("_T", value)
-
-
-def _fqdn(seconds: float) -> str | None:
-    """This host's name (``socket.getfqdn()``), or None if the lookup takes longer."""
-    if not _FQDN:
-        try:
-            _FQDN.append(_bounded(socket.getfqdn, seconds))
-        except TimeoutError:
-            return None
-    return _FQDN[0]
 
 
 class SMTPClient:
@@ -209,8 +141,8 @@ class SMTPClient:
         self.transcript.info(f"connecting to {config.host}:{config.port}")
         deadline = time.monotonic() + config.timeout
         try:
-            addresses = _resolve(config.host, config.port, config.timeout)
-            sock = _connect(addresses, deadline)
+            addresses = resolve(config.host, config.port, config.timeout)
+            sock = connect(addresses, deadline)
         except TimeoutError as error:
             raise SMTPTimeoutError(
                 f"could not connect to {config.host}:{config.port} within {config.timeout} s"
@@ -219,7 +151,7 @@ class SMTPClient:
         except OSError as error:
             raise ConnectionFailedError(config.host, config.port, error) from error
         self._sock = sock
-        _quickack(sock)
+        quickack(sock)
         self.info.connected_at = time.time()
         peer = sock.getpeername()
         self.transcript.info(f"connected to {peer[0]}:{peer[1]}")
@@ -227,7 +159,7 @@ class SMTPClient:
     def _handshake(self) -> None:
         assert self._sock is not None
         config = self.config
-        server_hostname = _ascii_host(config.server_hostname or config.host)
+        server_hostname = ascii_host(config.server_hostname or config.host)
         raw = self._sock
         try:
             raw.settimeout(self._remaining(config.timeout))
@@ -243,14 +175,14 @@ class SMTPClient:
             raise TLSError(f"TLS handshake with {server_hostname} failed: {error}") from error
         self._sock = tls
         self._forget_selector()
-        _quickack(tls)
+        quickack(tls)
         cipher = tls.cipher()
         self.engine.tls_established(
-            tls.version(), cipher[0] if cipher else None, _certificate_subject(tls.getpeercert())
+            tls.version(), cipher[0] if cipher else None, certificate_subject(tls.getpeercert())
         )
 
     def _local_hostname(self) -> str:
-        name = self.config.local_hostname or _fqdn(self.config.timeout) or ""
+        name = self.config.local_hostname or fqdn(self.config.timeout) or ""
         if "." in name:
             return name
         assert self._sock is not None
@@ -439,49 +371,6 @@ class SMTPClient:
             selector.close()
 
 
-def _resolve(host: str, port: int, seconds: float) -> list[Any]:
-    """``getaddrinfo`` within ``seconds`` (an address literal needs no lookup); a non-ASCII
-    name is looked up by its IDNA 2008 form (the socket module would use IDNA 2003)."""
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        name = _ascii_host(host)
-        return _bounded(lambda: socket.getaddrinfo(name, port, type=socket.SOCK_STREAM), seconds)
-    return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST)
-
-
-def _ascii_host(host: str) -> str:
-    """``host`` as sent to the resolver and in TLS SNI: IDNA 2008 for a non-ASCII name."""
-    if host.isascii():
-        return host
-    try:
-        return idna_encode_domain(host)
-    except InvalidAddressError as error:
-        raise ConnectionFailedError(host, 0, OSError(f"host name not usable: {error}")) from error
-
-
-def _connect(addresses: list[Any], deadline: float) -> socket.socket:
-    """Connect to the first of ``addresses`` (``getaddrinfo`` results) that answers, all
-    within ``deadline``, like ``socket.create_connection``."""
-    error: OSError | None = None
-    for family, kind, proto, _name, address in addresses:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise TimeoutError
-        sock = socket.socket(family, kind, proto)
-        try:
-            sock.settimeout(remaining)
-            sock.connect(address)
-        except OSError as failure:
-            sock.close()
-            if isinstance(failure, TimeoutError):
-                raise
-            error = failure
-            continue
-        return sock
-    raise error or OSError("no address found")
-
-
 def _chunks(parts: Sequence[bytes]) -> list[tuple[int, bytes]]:
     """``parts`` as writes, each paired with how many parts are complete after it: small
     parts joined up to :data:`CHUNK`, large ones alone (no copy), a lone part as itself (an
@@ -504,31 +393,3 @@ def _chunks(parts: Sequence[bytes]) -> list[tuple[int, bytes]]:
     if batch:
         writes.append((len(parts), batch[0] if len(batch) == 1 else b"".join(batch)))
     return writes
-
-
-class ConnectionFailedError(SocketMailError, ConnectionError):
-    """The TCP connection could not be made (refused, unreachable, name not found)."""
-
-    def __init__(self, host: str, port: int, error: OSError) -> None:
-        super().__init__(f"could not connect to {host}:{port}: {error.strerror or error}")
-        self.errno = error.errno
-        self.host = host
-        self.port = port
-
-
-def _quickack(sock: socket.socket) -> None:
-    """Ask Linux to acknowledge at once (``TCP_QUICKACK``; it is not sticky, so it is set
-    again after the TLS handshake).  Without it a server that sends TLS 1.3 session tickets
-    and then its greeting or EHLO reply with Nagle on waits ~40 ms for our delayed ACK."""
-    option = getattr(socket, "TCP_QUICKACK", None)
-    if option is not None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, option, 1)
-
-
-def _certificate_subject(cert: Mapping[str, Any] | None) -> str | None:
-    """``commonName=mail.example.com`` from a verified peer certificate, or None."""
-    if not cert:
-        return None
-    parts = [f"{key}={value}" for rdn in cert.get("subject", ()) for key, value in rdn]
-    return ", ".join(parts) or None
