@@ -381,3 +381,39 @@ def test_backend_without_fail_silently_raises_the_unknown_message_error(
     assert delivered_tags(rig, 1) == {"loud-0": 1}  # Dovecot relayed it, then died
     statuses_logged = dict(MessageLog.objects.values_list("message_id", "status"))
     assert statuses_logged == {"<loud-0@interop.test>": "unknown"}
+
+
+SENDING_MODES: Final[dict[str, dict[str, bool]]] = {
+    "bdat": {},
+    "pipelined-data": {"chunking": False},
+    "lockstep-data": {"pipelining": False},
+}
+
+
+@pytest.mark.parametrize("mode", SENDING_MODES, ids=list(SENDING_MODES))
+def test_many_messages_with_refusals_in_each_mode(
+    dovecot_submission: PostfixRig, mode: str
+) -> None:
+    """Twenty messages, each to two accepted recipients and a refused one, in one call:
+    PARTIAL with the 550 on the refused recipient, each accepted copy delivered once, and
+    Dovecot does not crash (in pipelined DATA mode only behind the first dot, once)."""
+    rig = dovecot_submission
+    before = panics(rig)
+    msgs = []
+    for n in range(20):
+        msg = make_message(f"{mode}-{n:02d}")
+        msg.to = [f"{mode}-{n:02d}-a@{DOMAIN}", f"refuse-{n:02d}@{DOMAIN}", f"b{n}@{DOMAIN}"]
+        msgs.append(msg)
+    backend = submission_backend(rig, fail_silently=True, **SENDING_MODES[mode])
+    crashes = 1 if mode == "pipelined-data" else 0  # the first dot, then learned
+    assert backend.send_messages(msgs) == 20 - crashes
+    for index, msg in enumerate(msgs):
+        result = result_of(msg)
+        # The message in flight when Dovecot died keeps its RCPT replies, but no final one.
+        expected = SendStatus.UNKNOWN if index < crashes else SendStatus.PARTIAL
+        assert result.status is expected, result
+        codes = [r.reply.code if r.reply else None for r in result.recipients]
+        assert codes == [250, 550, 250]
+    tags = delivered_tags(rig, 40)
+    assert tags == {m.extra_headers["X-Tag"]: 2 for m in msgs}
+    assert panics(rig) - before == crashes
