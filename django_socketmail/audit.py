@@ -12,7 +12,8 @@ Guarantees:
   on the ``django_socketmail`` logger and dropped;
 - one flush spends at most about :data:`WRITE_BUDGET` seconds on SQLite, waits for a
   lock held elsewhere and retries included (a backup or a long transaction in another
-  process costs the rows of that flush, not the caller's time);
+  process costs the rows of that flush, not the caller's time); on PostgreSQL each wait
+  for a lock held elsewhere ends when the budget does;
 - every text value goes through :func:`~.models.storable`: a NUL (which PostgreSQL refuses
   in text) is stored as the visible escape ``\\x00`` and every value fits its column, so
   nothing a server or a user writes (a reply line, a Subject typed into a form) costs rows;
@@ -226,7 +227,7 @@ class AuditRecorder:
         while True:
             try:
                 with _busy_timeout(alias, deadline):
-                    self._write_rows(alias)
+                    self._write_rows(alias, deadline)
                 return
             except OperationalError as error:
                 pause = next(pauses, None)
@@ -235,10 +236,11 @@ class AuditRecorder:
                     raise
                 time.sleep(min(left, pause * random.uniform(0.5, 1.5)))
 
-    def _write_rows(self, alias: str) -> None:
+    def _write_rows(self, alias: str, deadline: float) -> None:
         from .models import MessageLog, RecipientLog, SessionLog
 
         with transaction.atomic(using=alias):
+            _bound_lock_waits(alias, deadline)
             session = self._save_session(SessionLog, alias)
             if not self._messages:
                 return
@@ -436,6 +438,17 @@ def _busy_timeout(alias: str, deadline: float) -> Iterator[None]:
     finally:
         if connection.connection is raw:
             raw.execute(f"PRAGMA busy_timeout = {int(configured)}")
+
+
+def _bound_lock_waits(alias: str, deadline: float) -> None:
+    """On PostgreSQL, within the current transaction, wait for each lock (a table locked by a
+    migration or a maintenance job) at most until ``deadline``.  Other databases: nothing."""
+    connection = connections[alias]
+    if connection.vendor != "postgresql":
+        return
+    left_ms = max(1, int((deadline - time.monotonic()) * 1000))
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT set_config('lock_timeout', %s, true)", [f"{left_ms}ms"])
 
 
 def _close_clone(clone: Any) -> None:

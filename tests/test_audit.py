@@ -44,6 +44,7 @@ from django_socketmail.smtp import (
 
 from .conftest import PASSWORD, USER, BackendFactory
 from .hostile.server import HostileSMTPServer, close, reply, standard_session
+from .pg import PostgresServer
 from .test_backend import message
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -618,3 +619,30 @@ def test_a_session_row_is_never_updated_in_another_database() -> None:
     recorder.flush()
     assert SessionLog.objects.using("default").get().pk == mine.pk
     assert SessionLog.objects.using("default").get().ended is not None
+
+
+@pytest.mark.django_db(transaction=True, databases=["default", "postgres"])
+@pytest.mark.postgres
+def test_a_locked_postgres_table_costs_at_most_the_documented_time(
+    make_backend: BackendFactory,
+    starttls_server: LocalSMTPServer,
+    postgres_server: PostgresServer,
+    postgres_database: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A migration or a maintenance job holds the message table: the write waits for the
+    # lock no longer than the budget (PostgreSQL would wait for ever), and the send stands.
+    with postgres_server.connect("socketmail_tests") as other:
+        other.autocommit = False
+        other.execute(f"LOCK TABLE {MessageLog._meta.db_table} IN ACCESS EXCLUSIVE MODE")
+        backend = audited(make_backend, starttls_server, audit_database=postgres_database)
+        started = time.monotonic()
+        with caplog.at_level(logging.ERROR, logger="django_socketmail"):
+            assert backend.send_messages([message(), message()]) == 2
+        elapsed = time.monotonic() - started
+        other.rollback()
+    assert elapsed < 3.0, f"send_messages() took {elapsed:.1f} s on a locked table"
+    assert "could not write the audit log" in caplog.text
+    assert len(starttls_server.wait_for_messages(2)) == 2
+    assert backend.send_messages([message()]) == 1
+    assert MessageLog.objects.using(postgres_database).count() == 1
