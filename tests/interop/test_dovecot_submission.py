@@ -33,6 +33,7 @@ from django.core.mail import EmailMessage
 from django_socketmail import session as session_module
 from django_socketmail.email_backend import EmailBackend
 from django_socketmail.models import MessageLog
+from django_socketmail.pool import POOL, close_pool
 from django_socketmail.smtp import SendResult, SendStatus
 from django_socketmail.smtp.errors import ServerDisconnected
 from tests.interop import conftest
@@ -381,6 +382,46 @@ def test_backend_without_fail_silently_raises_the_unknown_message_error(
     assert delivered_tags(rig, 1) == {"loud-0": 1}  # Dovecot relayed it, then died
     statuses_logged = dict(MessageLog.objects.values_list("message_id", "status"))
     assert statuses_logged == {"<loud-0@interop.test>": "unknown"}
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "session.py decides pipeline_after_dot when a Session is built: an idle pooled "
+        "session opened before the lesson still pipelines behind the dot, the resend "
+        "borrows it and Dovecot panics again (seen: [unknown, unknown, sent, sent, sent], "
+        "2 panics, send_messages() == 3)"
+    ),
+)
+def test_pooled_session_opened_before_the_lesson_does_not_crash_dovecot_again(
+    dovecot_submission: PostfixRig, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With ``pool=True`` and two warm sessions idle, five messages in DATA mode: Dovecot
+    dies behind the first dot; the rest go on another connection -- the other idle
+    session, opened before anything was learned -- which must not pipeline behind the
+    dot either: one crash, one message in doubt, the other four SENT, each once."""
+    rig = dovecot_submission
+    before = panics(rig)
+    options: dict[str, Any] = {"chunking": False, "pool": True, "fail_silently": True}
+    try:
+        warm = [submission_backend(rig, **options) for _ in range(2)]
+        for backend in warm:
+            assert backend.open() is True
+        for backend in warm:
+            backend.close()
+        assert POOL.idle_count() == 2
+        msgs = [make_message(f"pool-{n}") for n in range(5)]
+        with caplog.at_level(logging.WARNING, logger="django_socketmail"):
+            sent = submission_backend(rig, **options).send_messages(msgs)
+        statuses = [result_of(m).status for m in msgs]
+        assert delivered_tags(rig, 5) == {m.extra_headers["X-Tag"]: 1 for m in msgs}
+        assert caplog.text.count(LEARNED) == 1
+        assert statuses[0] in (SendStatus.UNKNOWN, SendStatus.SENT)
+        assert statuses[1:] == [SendStatus.SENT] * 4
+        assert sent == 4 + (statuses[0] is SendStatus.SENT)
+        assert panics(rig) == before + 1
+    finally:
+        close_pool()
 
 
 SENDING_MODES: Final[dict[str, dict[str, bool]]] = {
