@@ -1,48 +1,109 @@
-"""The audit log in the Django admin: read-only for everyone, deletable with permission."""
+"""The audit log in the Django admin: read-only for everyone, deletable with permission.
+
+Server text is shown as data: every field a server wrote is escaped as HTML by Django and
+its control characters are written as visible escapes; stored transcripts are split into
+rows on ``\n`` only.  A session's page lists its latest :data:`INLINE_MESSAGES` messages
+and links to the message list filtered by that session for the rest.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import re
+from typing import TYPE_CHECKING, Any, ClassVar, Final
 
 from django.contrib import admin
+from django.db.models import QuerySet
+from django.forms.models import BaseInlineFormSet
 from django.http import HttpRequest
+from django.urls import reverse
+from django.utils.formats import number_format
+from django.utils.functional import cached_property
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString
 from django.utils.translation import gettext_lazy as _
 
 from .models import MessageLog, RecipientLog, SessionLog
+from .smtp.reply import escape_controls
 
-_SIDES = {"C": ("client", "→"), "S": ("server", "←"), "*": ("info", "·")}
+if TYPE_CHECKING:
+    from django_stubs_ext import StrOrPromise
+
+INLINE_MESSAGES: Final = 50
+"""Messages shown on a session's page (the latest ones); the others are a link away."""
+
+_SIDES: Final = {"C": ("client", "→"), "S": ("server", "←"), "*": ("info", "·")}
+_ROW: Final = re.compile(r"\+(?P<elapsed>[0-9]+\.[0-9]+) (?P<side>[CS*]): (?P<text>.*)", re.DOTALL)
+"""One stored transcript row, as :func:`.audit.render_lines` writes it: ``+0.012 C: EHLO``."""
+
+
+def format_duration(seconds: float) -> str:
+    """``seconds`` for people: ``45.4 ms`` below a second, ``1.23 s`` below a minute,
+    ``1 min 15.5 s`` above (rounded as shown, so 0.99996 reads ``1.00 s``)."""
+    if seconds < 0:
+        return "-" + format_duration(-seconds)
+    if seconds == 0:
+        return "0 ms"
+    if round(seconds * 1000, 1) < 1000:
+        return f"{seconds * 1000:.1f} ms"
+    if round(seconds, 2) < 60:
+        return f"{seconds:.2f} s"
+    minutes, rest = divmod(round(seconds, 1), 60)
+    return f"{int(minutes)} min {rest:.1f} s"
+
+
+def server_text(text: str) -> SafeString:
+    """Text a server wrote, shown as data: HTML escaped, control characters and line
+    separators written as visible escapes, its ``\n`` line breaks kept (the stylesheet
+    shows them with ``white-space: pre-wrap`` and wraps long unbroken lines)."""
+    if not text:
+        return format_html("{}", "—")
+    lines = (escape_controls(line) for line in text.split("\n"))
+    return format_html('<span class="socketmail-text">{}</span>', "\n".join(lines))
 
 
 def render_transcript(text: str) -> SafeString:
-    """A stored transcript as a conversation: client and server lines told apart."""
-    rows = []
-    for line in text.splitlines():
-        elapsed, _sep, rest = line.partition(" ")
-        side, _sep, content = rest.partition(": ")
-        kind, arrow = _SIDES.get(side, ("info", "·"))
-        rows.append((kind, elapsed, arrow, kind, content))
-    if not rows:
+    """A stored transcript as a conversation: one table row per ``\n``-separated line.
+
+    Only ``\n`` separates rows (``str.splitlines()`` also splits on CR, VT, FF, FS, GS,
+    RS, NEL, U+2028 and U+2029, which a server can put inside one line).  A row's side
+    comes from its own ``+elapsed C:``/``S:``/``*:`` prefix; a line without that prefix is
+    shown whole as ``unparsed``.  Control characters in a row are shown as escapes.
+    """
+    if not text:
         return format_html("<p>{}</p>", _("(empty)"))
+    rows = []
+    for line in text.split("\n"):
+        match = _ROW.fullmatch(line)
+        if match is None:
+            rows.append(("unparsed", "", "?", "unparsed", escape_controls(line)))
+            continue
+        kind, arrow = _SIDES[match["side"]]
+        rows.append((kind, match["elapsed"], arrow, kind, escape_controls(match["text"])))
     body = format_html_join(
         "\n",
         '<tr class="socketmail-{}"><td class="t">{}</td><td class="d">{}</td>'
         '<td class="w">{}</td><td><code>{}</code></td></tr>',
         rows,
     )
-    style = format_html(
-        "<style>{}</style>",
-        ".socketmail-transcript td{{padding:1px 6px;vertical-align:top;white-space:pre-wrap}}"
-        ".socketmail-client code{{color:#0b5394}}.socketmail-server code{{color:#38761d}}"
-        ".socketmail-info code{{color:#777;font-style:italic}}"
-        ".socketmail-transcript .t{{color:#999}}",
-    )
-    return format_html('{}<table class="socketmail-transcript">{}</table>', style, body)
+    return format_html('<table class="socketmail-transcript">{}</table>', body)
+
+
+def _server_text_display(field: str, label: StrOrPromise) -> Any:
+    """A read-only admin column showing the model field ``field`` through
+    :func:`server_text`."""
+
+    @admin.display(description=label)
+    def show(model_admin: Any, obj: Any) -> SafeString:
+        return server_text(getattr(obj, field))
+
+    return show
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
     """No adding, no changing: an audit log is evidence.  Deleting needs the permission."""
+
+    class Media:
+        css: ClassVar = {"all": ("django_socketmail/admin.css",)}
 
     def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
@@ -66,8 +127,9 @@ class ReadOnlyInline(admin.TabularInline):  # type: ignore[type-arg]
 
 class RecipientInline(ReadOnlyInline):
     model = RecipientLog
-    fields = ("address", "status", "reply_code", "reply")
+    fields = ("address", "status", "reply_code", "reply_text")
     readonly_fields = fields
+    reply_text = _server_text_display("reply", _("RCPT reply"))
 
 
 @admin.register(MessageLog)
@@ -80,6 +142,7 @@ class MessageLogAdmin(ReadOnlyAdmin):
         "short_recipients",
         "queue_id",
         "final_reply_code",
+        "elapsed",
         "server",
     )
     list_filter = (
@@ -104,16 +167,18 @@ class MessageLogAdmin(ReadOnlyAdmin):
         "subject",
         "size",
         "final_reply_code",
-        "final_reply",
+        "final_reply_text",
         "queue_id",
-        "duration",
+        "elapsed",
         "error_class",
-        "error",
+        "error_text",
         "transient",
         "conversation",
         "body",
     )
     readonly_fields = fields
+    final_reply_text = _server_text_display("final_reply", _("final reply"))
+    error_text = _server_text_display("error", _("error"))
 
     @admin.display(description=_("recipients"))
     def short_recipients(self, obj: MessageLog) -> str:
@@ -124,24 +189,70 @@ class MessageLogAdmin(ReadOnlyAdmin):
     def server(self, obj: MessageLog) -> str:
         return f"{obj.session.host}:{obj.session.port}" if obj.session else "—"
 
+    @admin.display(description=_("duration"), ordering="duration")
+    def elapsed(self, obj: MessageLog) -> str:
+        return format_duration(obj.duration)
+
     @admin.display(description=_("session"))
     def session_link(self, obj: MessageLog) -> SafeString | str:
         if obj.session is None:
             return "—"
-        return format_html(
-            '<a href="../../../sessionlog/{}/change/">{}</a>', obj.session.pk, obj.session
+        url = reverse(
+            "admin:django_socketmail_sessionlog_change",
+            args=[obj.session.pk],
+            current_app=self.admin_site.name,
         )
+        return format_html('<a href="{}">{}</a>', url, obj.session)
 
     @admin.display(description=_("conversation"))
     def conversation(self, obj: MessageLog) -> SafeString:
         return render_transcript(obj.transcript)
 
 
+class LatestMessagesFormSet(BaseInlineFormSet):  # type: ignore[type-arg]
+    """The session's latest :data:`INLINE_MESSAGES` messages, with the count of all.
+
+    ``total`` costs one ``COUNT`` query, and only when the page is full.
+    """
+
+    _latest: QuerySet[MessageLog] | None = None
+
+    def get_queryset(self) -> QuerySet[MessageLog]:
+        if self._latest is None:
+            self._latest = super().get_queryset()[:INLINE_MESSAGES]
+        return self._latest
+
+    @cached_property
+    def total(self) -> int:
+        """How many messages the session has."""
+        shown = len(self.get_queryset())
+        if shown < INLINE_MESSAGES:
+            return shown
+        session: SessionLog = self.instance
+        return session.messages.count()
+
+    @property
+    def total_display(self) -> str:
+        """``total`` with thousands grouped for the active locale (``20,000``)."""
+        return number_format(self.total, force_grouping=True)
+
+    @property
+    def is_bounded(self) -> bool:
+        """Whether some of the session's messages are not shown."""
+        return self.total > len(self.get_queryset())
+
+
 class MessageInline(ReadOnlyInline):
+    """The latest messages of a session, and a link to all of them."""
+
     model = MessageLog
-    fields = ("created", "status", "subject", "recipients", "queue_id", "final_reply")
+    formset = LatestMessagesFormSet
+    template = "django_socketmail/admin/latest_messages.html"
+    ordering = ("-created", "-pk")
+    fields = ("created", "status", "subject", "recipients", "queue_id", "final_reply_text")
     readonly_fields = fields
     show_change_link = True
+    final_reply_text = _server_text_display("final_reply", _("final reply"))
 
 
 @admin.register(SessionLog)
@@ -169,19 +280,23 @@ class SessionLogAdmin(ReadOnlyAdmin):
         "port",
         "tls_version",
         "tls_cipher",
-        "certificate",
+        "certificate_text",
         "auth_mechanism",
         "auth_username",
         "local_hostname",
-        "greeting",
-        "extensions",
+        "greeting_text",
+        "extensions_text",
         "outcome",
         "error_class",
-        "error",
+        "error_text",
         "messages_sent",
         "conversation",
     )
     readonly_fields = fields
+    certificate_text = _server_text_display("certificate", _("certificate subject"))
+    greeting_text = _server_text_display("greeting", _("greeting"))
+    extensions_text = _server_text_display("extensions", _("advertised extensions"))
+    error_text = _server_text_display("error", _("error"))
 
     @admin.display(description=_("conversation (outside messages)"))
     def conversation(self, obj: SessionLog) -> SafeString:
