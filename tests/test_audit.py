@@ -10,6 +10,8 @@ import hmac
 import io
 import logging
 import sqlite3
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta
@@ -31,7 +33,7 @@ from django_socketmail import audit
 from django_socketmail.audit import AuditRecorder, _header
 from django_socketmail.email_backend import EmailBackend
 from django_socketmail.localserver import LocalSMTPServer
-from django_socketmail.models import MessageLog, RecipientLog, SessionLog
+from django_socketmail.models import MessageLog, RecipientLog, SessionLog, storable
 from django_socketmail.smtp import (
     AuthenticationError,
     ConnectionFailedError,
@@ -646,3 +648,56 @@ def test_a_locked_postgres_table_costs_at_most_the_documented_time(
     assert len(starttls_server.wait_for_messages(2)) == 2
     assert backend.send_messages([message()]) == 1
     assert MessageLog.objects.using(postgres_database).count() == 1
+
+
+WITHOUT_THE_APP_SCRIPT: Final = """
+import logging, sys
+import django
+from django.conf import settings
+settings.configure(
+    INSTALLED_APPS=["django.contrib.contenttypes", "django.contrib.auth"],
+    DATABASES={"default": {"ENGINE": "django.db.backends.sqlite3", "NAME": ":memory:"}},
+    USE_TZ=True,
+)
+django.setup()
+logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(message)s")
+from django.core.mail import EmailMessage
+from django_socketmail.email_backend import EmailBackend
+
+for _ in range(3):
+    backend = EmailBackend(host="127.0.0.1", port=int(sys.argv[1]), timeout=5)
+    message = EmailMessage("s", "b", "a@example.com", ["b@example.com"])
+    print(backend.send_messages([message]))
+"""
+
+
+def test_a_project_without_the_app_sends_with_one_warning_and_no_traceback(
+    plain_server: LocalSMTPServer,
+) -> None:
+    # What a new user does after the README's first lines: EMAIL_BACKEND set, the app not
+    # in INSTALLED_APPS, so no tables.  Each send used to log a full traceback.
+    done = subprocess.run(
+        [sys.executable, "-c", WITHOUT_THE_APP_SCRIPT, str(plain_server.port)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).parent.parent,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["1", "1", "1"]
+    assert len(plain_server.wait_for_messages(3)) == 3
+    assert "Traceback" not in done.stderr
+    warnings = [line for line in done.stderr.splitlines() if line.startswith("WARNING")]
+    assert len(warnings) == 1, done.stderr
+    assert "INSTALLED_APPS" in warnings[0] and "audit_log=False" in warnings[0]
+
+
+def test_storable_text() -> None:
+    subject = MessageLog._meta.get_field("subject")
+    body = MessageLog._meta.get_field("body")
+    assert storable(None, body) == ""
+    assert storable("plain ✓ text", subject) == "plain ✓ text"
+    assert storable("a\x00b", body) == "a\\x00b"
+    assert storable("lone \udc80 surrogate", body) == "lone \\udc80 surrogate"
+    assert storable("x" * 300, subject) == "x" * 254 + "…"
+    assert storable(ValueError("bad\x00value"), body) == "bad\\x00value"
