@@ -424,6 +424,35 @@ def test_pooled_session_opened_before_the_lesson_does_not_crash_dovecot_again(
         close_pool()
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "session.py decides pipeline_after_dot when a Session is built: a backend opened "
+        "before the lesson (another thread's, or a second open backend) still pipelines "
+        "behind the dot and crashes Dovecot once more (seen: [unknown, sent, sent], 2 panics)"
+    ),
+)
+def test_backend_opened_before_the_lesson_does_not_crash_dovecot_again(
+    dovecot_submission: PostfixRig,
+) -> None:
+    """Two backends held open (``with get_connection() as connection:`` in two workers);
+    the first learns that Dovecot dies behind the dot; the second, already connected,
+    must not crash it again."""
+    rig = dovecot_submission
+    before = panics(rig)
+    first = submission_backend(rig, chunking=False, fail_silently=True)
+    second = submission_backend(rig, chunking=False, fail_silently=True)
+    with first, second:
+        first.send_messages([make_message(f"held-a{n}") for n in range(3)])
+        assert panics(rig) == before + 1
+        msgs = [make_message(f"held-b{n}") for n in range(3)]
+        sent = second.send_messages(msgs)
+    assert delivered_tags(rig, 6) == {f"held-{x}{n}": 1 for x in "ab" for n in range(3)}
+    assert [result_of(m).status for m in msgs] == [SendStatus.SENT] * 3
+    assert sent == 3
+    assert panics(rig) == before + 1
+
+
 SENDING_MODES: Final[dict[str, dict[str, bool]]] = {
     "bdat": {},
     "pipelined-data": {"chunking": False},
