@@ -11,8 +11,9 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .email_backend import EmailBackend
+    from .smtp.delivery import DeliveryOptions
 
-__all__ = ["backend"]
+__all__ = ["DeliveryOptions", "backend"]
 
 backend: type[EmailBackend]
 
@@ -22,4 +23,8 @@ def __getattr__(name: str) -> Any:
         from .email_backend import EmailBackend
 
         return EmailBackend
+    if name == "DeliveryOptions":
+        from .smtp.delivery import DeliveryOptions
+
+        return DeliveryOptions
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

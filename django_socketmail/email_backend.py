@@ -34,6 +34,7 @@ from .smtp import (
     SMTPClient,
     SocketMailError,
 )
+from .smtp.delivery import DeliveryOptions
 from .smtp.engine import Batch
 from .smtp.transaction import Transaction
 from .smtp.transcript import Listener
@@ -50,6 +51,9 @@ __all__ = ["RESULT_ATTRIBUTE", "EmailBackend", "serialize"]
 
 RESULT_ATTRIBUTE: Final = "socketmail_result"
 """Name of the attribute set on each sent ``EmailMessage``: its :class:`SendResult`."""
+DELIVERY_ATTRIBUTE: Final = "socketmail_delivery"
+"""Name of the attribute a caller may set on an ``EmailMessage``: its
+:class:`~django_socketmail.smtp.delivery.DeliveryOptions` (DSN, REQUIRETLS, envelope sender)."""
 
 BATCH_BYTES: Final = 1 << 20
 """Messages are serialized and pipelined in runs of about this many bytes..."""
@@ -304,7 +308,9 @@ class EmailBackend(BaseEmailBackend):
             message = queue.popleft()
             raw = serialize_parts(message)
             try:
-                transaction = session.client.prepare(message.from_email, message.recipients(), raw)
+                transaction = session.client.prepare(
+                    message.from_email, message.recipients(), raw, delivery_options(message)
+                )
             except InvalidAddressError as invalid:
                 # Refused before a byte was sent; still an attempt worth a row.
                 result = SendResult(str(message.from_email), [], size=sum(map(len, raw)))
@@ -337,3 +343,16 @@ class EmailBackend(BaseEmailBackend):
             max_age=self.options.pool_max_age,
             max_messages=self.options.pool_max_messages,
         )
+
+
+def delivery_options(message: EmailMessage) -> DeliveryOptions | None:
+    """The message's :data:`DELIVERY_ATTRIBUTE` (a mapping is read as keyword arguments)."""
+    value = getattr(message, DELIVERY_ATTRIBUTE, None)
+    if value is None or isinstance(value, DeliveryOptions):
+        return value
+    if isinstance(value, dict):
+        return DeliveryOptions(**value)
+    raise TypeError(
+        f"message.{DELIVERY_ATTRIBUTE} must be a django_socketmail.DeliveryOptions or a dict, "
+        f"not {type(value).__name__}"
+    )

@@ -25,6 +25,7 @@ from typing import Final
 
 from .config import DEFAULT_TIMEOUT, ClientConfig, SessionInfo, TLSMode
 from .content import Content
+from .delivery import DeliveryOptions
 from .engine import CLOSE, DONE, RECEIVE, START_TLS, Batch, Engine, Settled, Write
 from .errors import (
     LocalProtocolError,
@@ -191,9 +192,15 @@ class SMTPClient:
 
     # -- sending -----------------------------------------------------------------------
 
-    def prepare(self, mail_from: str, recipients: Sequence[str], message: Content) -> Transaction:
+    def prepare(
+        self,
+        mail_from: str,
+        recipients: Sequence[str],
+        message: Content,
+        delivery: DeliveryOptions | None = None,
+    ) -> Transaction:
         """Check one message against the session; see :meth:`.engine.Engine.prepare`."""
-        return self.engine.prepare(mail_from, recipients, message)
+        return self.engine.prepare(mail_from, recipients, message, delivery)
 
     def send(self, transactions: Sequence[Transaction], *, stop_on_error: bool = False) -> Batch:
         """Send prepared transactions (pipelined, with BDAT, when the server allows) and

@@ -34,6 +34,7 @@ from .actions import CLOSE, DONE, RECEIVE, START_TLS, Action, Batch, Settled, Si
 from .commands import Quit
 from .config import ClientConfig, SessionInfo
 from .content import Content
+from .delivery import DeliveryOptions
 from .envelope import prepare
 from .errors import (
     DataError,
@@ -148,9 +149,18 @@ class Engine(Policies):
         self.info.local_hostname = local_hostname
         self._opening = Opening(self.config, self.conn, self.info, local_hostname, self._out)
 
-    def prepare(self, mail_from: str, recipients: Sequence[str], message: Content) -> Transaction:
+    def prepare(
+        self,
+        mail_from: str,
+        recipients: Sequence[str],
+        message: Content,
+        delivery: DeliveryOptions | None = None,
+    ) -> Transaction:
         """Check one message against the session; see :func:`.envelope.prepare`."""
-        return prepare(self.conn.extensions, mail_from, recipients, message)
+        encrypted = self.info.tls_version is not None
+        return prepare(
+            self.conn.extensions, mail_from, recipients, message, delivery, encrypted=encrypted
+        )
 
     def send(self, transactions: Sequence[Transaction], *, stop_on_error: bool) -> Batch:
         """Begin sending ``transactions``; drive until :data:`DONE`, then read the batch."""

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 from .address import EnvelopeAddress, prepare_address
 from .content import Content, has_8bit, split_canonical
+from .delivery import DeliveryOptions, mail_and_rcpt
 from .errors import MessageTooLargeError, NotSupportedError, SocketMailError
 from .extensions import Extensions
 from .result import RecipientResult, SendResult
@@ -16,14 +17,24 @@ __all__ = ["mail_parameters", "prepare"]
 
 
 def prepare(
-    extensions: Extensions, mail_from: str, recipients: Sequence[str], message: Content
+    extensions: Extensions,
+    mail_from: str,
+    recipients: Sequence[str],
+    message: Content,
+    delivery: DeliveryOptions | None = None,
+    *,
+    encrypted: bool = False,
 ) -> Transaction:
     """Check one message against the server's ``extensions`` and build its transaction.
 
     Raises :class:`~.errors.InvalidAddressError` for an unusable address (before any byte is
-    sent).  A message this server cannot take (SMTPUTF8 not offered, larger than SIZE) comes
-    back already failed: ``transaction.result.error`` is set.
+    sent).  A message this server cannot take (SMTPUTF8 not offered, larger than SIZE,
+    REQUIRETLS asked for and not possible) comes back already failed:
+    ``transaction.result.error`` is set.  ``delivery.envelope_sender``, when set, is the
+    MAIL FROM address instead of ``mail_from``.
     """
+    if delivery is not None and delivery.envelope_sender:
+        mail_from = delivery.envelope_sender
     sender = prepare_address(mail_from)
     envelope = [prepare_address(address) for address in recipients]
     result = SendResult(
@@ -35,8 +46,15 @@ def prepare(
     tx = Transaction(result, sender.addr_spec, (), list(result.recipients), content, lines, tail)
     try:
         tx.parameters = mail_parameters(extensions, sender, envelope, content, result.size)
+        extra = mail_and_rcpt(
+            delivery, extensions, [r.address for r in result.recipients], encrypted=encrypted
+        )
     except SocketMailError as error:
         result.fail(error)
+        return tx
+    tx.parameters += extra.mail
+    tx.rcpt_parameters = extra.rcpt
+    result.envid, result.dsn_sent = extra.envid, extra.dsn_sent
     return tx
 
 

@@ -111,7 +111,7 @@ class Policies:
         if not pipelined:
             return
         for recipient in tx.recipients:
-            self._command(tx, RcptTo(recipient.address))
+            self._command(tx, _rcpt(tx, recipient.address))
         if self._bdat:
             self._out.append(self.conn.send_bdat(tx.size, lines=tx.lines))
             self._out.extend(tx.content)
@@ -132,7 +132,7 @@ class Policies:
 
     def _lockstep_next(self, tx: Transaction) -> None:
         if tx.stage is Stage.RCPT:
-            self._command(tx, RcptTo(tx.recipients[tx.answered].address))
+            self._command(tx, _rcpt(tx, tx.recipients[tx.answered].address))
         elif tx.stage is Stage.GO:
             self._command(tx, Data())
 
@@ -156,3 +156,7 @@ class Policies:
             following = self._todo.popleft()
             self._start(following)  # content may open a group (RFC 2920 §3.1)
             self._behind_dot = (tx, following)
+
+
+def _rcpt(tx: Transaction, address: str) -> RcptTo:
+    return RcptTo(address, tx.rcpt_parameters.get(address, ()))

@@ -82,6 +82,10 @@ class SendResult:
     elapsed: float = 0.0
     transcript: list[TranscriptLine] = field(default_factory=list, repr=False)
     """The lines of the conversation that concern this message (redacted)."""
+    envid: str | None = None
+    """The DSN envelope id sent with it (RFC 3461 ENVID), which a bounce carries back."""
+    dsn_sent: bool = False
+    """True when DSN parameters went with it (the server offered DSN and some were asked)."""
 
     @property
     def status(self) -> SendStatus:

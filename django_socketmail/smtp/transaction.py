@@ -190,6 +190,8 @@ class Transaction:
     lines: int = 0
     tail: bytes = b""
     """A final CRLF the message lacked, sent after ``content`` (see ``split_canonical``)."""
+    rcpt_parameters: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    """RCPT TO parameters by recipient address (DSN's NOTIFY and ORCPT)."""
 
     stage: Stage = Stage.QUEUED
     due: int = 0
