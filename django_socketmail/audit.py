@@ -13,7 +13,7 @@ Guarantees:
 - one flush spends at most about :data:`WRITE_BUDGET` seconds on SQLite, waits for a
   lock held elsewhere and retries included (a backup or a long transaction in another
   process costs the rows of that flush, not the caller's time); on PostgreSQL each wait
-  for a lock held elsewhere ends when the budget does;
+  for a lock held elsewhere is cut at what was left of the budget when the write began;
 - every text value goes through :func:`~.models.storable`: a NUL (which PostgreSQL refuses
   in text) is stored as the visible escape ``\\x00`` and every value fits its column, so
   nothing a server or a user writes (a reply line, a Subject typed into a form) costs rows;
