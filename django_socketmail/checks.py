@@ -20,21 +20,21 @@ from django.conf import settings
 from django.core import checks
 from django.core.exceptions import ImproperlyConfigured
 
-from .conf import BackendOptions, resolve_options, string_booleans
-
-BACKEND_NAMES = frozenset(
-    {"django_socketmail.backend", "django_socketmail.email_backend.EmailBackend"}
+from .conf import (
+    BACKEND_NAMES,
+    BackendOptions,
+    resolve_options,
+    socketmail_mailers,
+    string_booleans,
 )
 
 
 def _configured_backends() -> list[tuple[str, dict[str, Any] | None, bool]]:
     """(where, options, from_mailers) for each configuration that uses our backend."""
     found: list[tuple[str, dict[str, Any] | None, bool]] = []
-    mailers = getattr(settings, "MAILERS", None)
-    if isinstance(mailers, dict):
-        for alias, config in mailers.items():
-            if isinstance(config, dict) and config.get("BACKEND") in BACKEND_NAMES:
-                found.append((f"MAILERS[{alias!r}]", dict(config.get("OPTIONS", {})), True))
+    if isinstance(getattr(settings, "MAILERS", None), dict):
+        for alias, options in socketmail_mailers().items():
+            found.append((f"MAILERS[{alias!r}]", dict(options), True))
     elif getattr(settings, "EMAIL_BACKEND", "") in BACKEND_NAMES:
         found.append(("EMAIL_BACKEND", None, False))
     return found

@@ -32,10 +32,14 @@ from .smtp import DEFAULT_TIMEOUT, ClientConfig, Secret, TLSMode
 from .smtp.sasl import DEFAULT_PREFERENCE, MECHANISMS
 
 __all__ = [
+    "BACKEND_NAMES",
     "OPTIONS",
     "BackendOptions",
     "Option",
+    "audit_database",
+    "audit_retention",
     "resolve_options",
+    "socketmail_mailers",
     "socketmail_setting",
     "string_booleans",
 ]
@@ -125,6 +129,53 @@ def socketmail_setting(name: str) -> Any:
     """Project-wide value of one of our own options: ``SOCKETMAIL[name]`` or its default."""
     project = getattr(settings, "SOCKETMAIL", {}) or {}
     return project.get(name, OPTIONS[name].default)
+
+
+BACKEND_NAMES: Final = frozenset(
+    {"django_socketmail.backend", "django_socketmail.email_backend.EmailBackend"}
+)
+"""The dotted paths that name this backend in ``MAILERS`` or ``EMAIL_BACKEND``."""
+
+
+def socketmail_mailers() -> dict[str, Mapping[str, Any]]:
+    """The ``OPTIONS`` of each ``MAILERS`` alias whose backend is this one, by alias; empty
+    when the project defines no ``MAILERS`` (its rows then have the alias ``""``)."""
+    mailers = getattr(settings, "MAILERS", None)
+    if not isinstance(mailers, Mapping):
+        return {}
+    return {
+        alias: config.get("OPTIONS") or {}
+        for alias, config in mailers.items()
+        if isinstance(config, Mapping) and config.get("BACKEND") in BACKEND_NAMES
+    }
+
+
+def audit_retention(given: Mapping[str, Any], *, source: str) -> int | None:
+    """Days of audit rows kept for a backend configured with ``given`` (a mailer's
+    ``OPTIONS``): its ``audit_retention_days`` when the key is there (``None`` included,
+    which keeps every row), else ``SOCKETMAIL``'s, else 90.  An invalid value raises
+    ``ImproperlyConfigured`` naming where it came from."""
+    if "audit_retention_days" in given:
+        value, origin = given["audit_retention_days"], f"{source}['audit_retention_days']"
+    else:
+        value, origin = socketmail_setting("audit_retention_days"), "SOCKETMAIL"
+        origin = f"{origin}['audit_retention_days']"
+    try:
+        return _optional_days(value)
+    except ValueError as error:
+        raise ImproperlyConfigured(f"{origin}: {error}") from None
+
+
+def audit_database(given: Mapping[str, Any], *, source: str) -> str | None:
+    """The database alias set for the audit rows of a backend configured with ``given``
+    (its ``audit_database``, else ``SOCKETMAIL``'s), or None for the router's choice."""
+    value, origin = given.get("audit_database"), f"{source}['audit_database']"
+    if value is None:
+        value, origin = socketmail_setting("audit_database"), "SOCKETMAIL['audit_database']"
+    try:
+        return _optional_string(value)
+    except TypeError as error:
+        raise ImproperlyConfigured(f"{origin}: {error}") from None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
