@@ -701,3 +701,14 @@ def test_storable_text() -> None:
     assert storable("lone \udc80 surrogate", body) == "lone \\udc80 surrogate"
     assert storable("x" * 300, subject) == "x" * 254 + "…"
     assert storable(ValueError("bad\x00value"), body) == "bad\\x00value"
+
+
+def test_start_times_follow_use_tz_false() -> None:
+    # Without USE_TZ Django stores naive local times (timezone.now() is datetime.now()).
+    started = 1_700_000_000.5
+    with override_settings(USE_TZ=False):
+        recorder = _recorder()
+        recorder.message_finished(None, _result("a@example.com", started=started, elapsed=1), [])
+        recorder.flush()
+        row = MessageLog.objects.get()
+    assert row.created.replace(tzinfo=None) == datetime.fromtimestamp(started)
