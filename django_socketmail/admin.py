@@ -55,8 +55,6 @@ def server_text(text: str) -> SafeString:
     """Text a server wrote, shown as data: HTML escaped, control characters and line
     separators written as visible escapes, its ``\n`` line breaks kept (the stylesheet
     shows them with ``white-space: pre-wrap`` and wraps long unbroken lines)."""
-    if not text:
-        return format_html("{}", "—")
     lines = (escape_controls(line) for line in text.split("\n"))
     return format_html('<span class="socketmail-text">{}</span>', "\n".join(lines))
 
@@ -93,8 +91,9 @@ def _server_text_display(field: str, label: StrOrPromise) -> Any:
     :func:`server_text`."""
 
     @admin.display(description=label)
-    def show(model_admin: Any, obj: Any) -> SafeString:
-        return server_text(getattr(obj, field))
+    def show(model_admin: Any, obj: Any) -> SafeString | str:
+        value = getattr(obj, field)
+        return server_text(value) if value else model_admin.get_empty_value_display()
 
     return show
 
