@@ -37,11 +37,12 @@ def _unavailable(reason: str) -> None:
     pytest.skip(reason)
 
 
-@pytest.fixture(scope="package", autouse=True)
+@pytest.fixture(scope="session", autouse=True)
 def _static_files(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """``STATIC_URL``/``STATIC_ROOT`` set before the live server starts (it reads them
-    once), with the admin's and our static files copied in (the test settings have no
-    staticfiles app); restored after this package's tests."""
+    """``STATIC_URL``/``STATIC_ROOT`` set before the (session-scoped) live server starts,
+    which reads them once, with the admin's and our static files copied in (the test
+    settings have no staticfiles app).  Session-scoped like the live server, so the
+    settings stay for the rest of the run (nothing else reads them)."""
     root = tmp_path_factory.mktemp("static")
     for app in (django.contrib.admin, django_socketmail):
         source = Path(app.__file__ or "").parent / "static"
