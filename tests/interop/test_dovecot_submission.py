@@ -213,6 +213,28 @@ def test_default_rig_runs_no_submission_server(postfix_rig: PostfixRig) -> None:
     assert "submission" not in conf
 
 
+def test_stop_ends_every_process_even_after_a_panic() -> None:
+    """A private submission rig whose Dovecot panicked once: after stop() none of its
+    processes exists (login and submission processes included) and its directory is gone."""
+    require_dovecot_submission()
+    rig = PostfixRig(dovecot_submission=True)
+    rig.start()
+    try:
+        client = RawClient(rig)
+        client.login(rig)
+        assert client.send(envelope("stop-1"), 3).endswith(b"354 OK\r\n")
+        assert client.send(content("stop-1") + envelope("stop-2"), 1) == b"<EOF>"
+        client.close()
+        pids = rig.pids()
+        base_dir = rig.base_dir
+        assert len(pids) >= 6  # supervisor, Postfix master + children, Dovecot + children
+    finally:
+        rig.stop()
+    assert not rig.running
+    assert not base_dir.exists()
+    assert [pid for pid in pids if Path(f"/proc/{pid}").exists()] == []
+
+
 def test_submission_rig_starts_quickly(dovecot_submission_rig: PostfixRig) -> None:
     """Four ports, all greeting, within the ordinary rig's budget; Dovecot says 220 too."""
     rig = dovecot_submission_rig
