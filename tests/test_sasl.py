@@ -48,7 +48,14 @@ def test_utf8_credentials() -> None:
 
 
 def test_registry_and_cleartext_flags() -> None:
-    assert list(MECHANISMS) == ["CRAM-MD5", "PLAIN", "LOGIN"]
+    assert list(MECHANISMS) == [
+        "SCRAM-SHA-256-PLUS",
+        "SCRAM-SHA-256",
+        "SCRAM-SHA-1",
+        "CRAM-MD5",
+        "PLAIN",
+        "LOGIN",
+    ]
     assert not CramMD5.sends_password and Plain.sends_password and Login.sends_password
 
 

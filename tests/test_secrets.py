@@ -3,7 +3,9 @@ mechanism and every way AUTH can end -- with DEBUG on (the technical 500 page, w
 Django's ``sensitive_variables`` filter is off) and off (``AdminEmailHandler`` mails).
 
 The password and everything derived from it must be absent: raw, base64 (LOGIN's line), the
-PLAIN blob raw and in base64, CRAM-MD5's digest and its base64 response.
+PLAIN blob raw and in base64, CRAM-MD5's digest and its base64 response, SCRAM's
+client-final-message (random per run: taken from what the server received) raw, in base64
+and its proof.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from django_socketmail.smtp import AuthenticationError, SocketMailError
 
 from .hostile.server import (
     RFC2195_CHALLENGE,
+    Connection,
     HostileSMTPServer,
     Response,
     auth,
@@ -32,6 +35,7 @@ from .hostile.server import (
     sleep,
     standard_session,
 )
+from .test_scram import ScramServer, scram_auth
 
 USER = "mallory-user"
 PASSWORD = "s3cret-Pa55-for-reports"
@@ -45,7 +49,8 @@ FORMS = [
 ]
 """Every form of the secret that may cross the wire or sit in memory."""
 
-MECHANISMS = ["PLAIN", "LOGIN", "CRAM-MD5"]
+MECHANISMS = ["PLAIN", "LOGIN", "CRAM-MD5", "SCRAM-SHA-256", "SCRAM-SHA-1"]
+SCRAM_EXTENSIONS = ("PIPELINING", "ENHANCEDSTATUSCODES", "AUTH SCRAM-SHA-256 SCRAM-SHA-1 PLAIN")
 
 
 def ending(name: str) -> tuple[Response | None, type[BaseException]]:
@@ -63,22 +68,61 @@ def ending(name: str) -> tuple[Response | None, type[BaseException]]:
 
 def echo(mechanism: str) -> Response:
     """A server that quotes back what we sent, and the password raw and in base64."""
+    if mechanism.startswith("SCRAM-"):
+
+        def quote(conn: Connection, line: bytes) -> None:
+            quoted = " ".join([*FORMS[:2], *scram_forms(conn.commands)])
+            conn.reply(535, "5.7.8 bad credentials: " + quoted)
+
+        return quote
     sent = {"PLAIN": [FORMS[2]], "LOGIN": [], "CRAM-MD5": [FORMS[4], DIGEST]}[mechanism]
     return reply(535, "5.7.8 bad credentials: " + " ".join([*FORMS[:2], *sent]))
 
 
-def search(text: str) -> list[str]:
-    return [form for form in FORMS if form in text]
+def _wire_forms(server: HostileSMTPServer, scram: bool) -> list[str]:
+    """The random secret forms that crossed the wire (SCRAM: its client-final-message)."""
+    forms = scram_forms(server.commands)
+    assert bool(forms) == scram  # every SCRAM case got as far as the client's proof
+    return forms
+
+
+def scram_server() -> ScramServer:
+    """A SCRAM server that knows the account (not a local of the fixture: the report of a
+    frame whose locals held the password would show it)."""
+    return ScramServer("sha256", {USER: PASSWORD})
+
+
+def scram_forms(commands: list[bytes]) -> list[str]:
+    """Each SCRAM client-final-message among ``commands``: base64, raw, and its proof."""
+    forms: list[str] = []
+    for line in commands:
+        try:
+            decoded = base64.b64decode(line, validate=True).decode()
+        except ValueError:
+            continue
+        if decoded.startswith("c=") and ",p=" in decoded:
+            forms += [line.decode(), decoded, decoded.rsplit(",p=", 1)[1]]
+    return forms
+
+
+def search(text: str, extra: list[str] | None = None) -> list[str]:
+    return [form for form in [*FORMS, *(extra or [])] if form in text]
 
 
 @pytest.fixture
-def raised(request: pytest.FixtureRequest) -> Iterator[BaseException]:
+def raised(request: pytest.FixtureRequest) -> Iterator[tuple[BaseException, list[str]]]:
+    """The error a send ended with, and the secret forms that crossed the wire this run."""
     mechanism, end = request.param
     final, expected = (echo(mechanism), AuthenticationError) if end == "echo" else ending(end)
-    rules: dict[str, Response] = {"AUTH": auth(final)}
+    scram = mechanism.startswith("SCRAM-")
+    rule = scram_auth(scram_server, final=final) if scram else auth(final)
+    rules: dict[str, Response] = {"AUTH": rule}
     if end == "accepted":
         rules["MAIL"] = reply(550, "5.7.1 sender not allowed")
-    with HostileSMTPServer([standard_session(rules)]) as server:
+    extensions = {"extensions": SCRAM_EXTENSIONS} if scram else {}
+    server = HostileSMTPServer([standard_session(rules, **extensions)])
+    server.scram_servers = []  # type: ignore[attr-defined]
+    with server:
         backend = EmailBackend(
             host=server.host,
             port=server.port,
@@ -93,8 +137,10 @@ def raised(request: pytest.FixtureRequest) -> Iterator[BaseException]:
         message = EmailMessage("s", "b", "from@example.com", ["to@example.com"])
         with pytest.raises(expected) as info:
             backend.send_messages([message])
-        yield info.value
         backend.close()
+        server.wait_closed()
+        # No local for the forms: this frame is in the traceback, its locals in the report.
+        yield info.value, _wire_forms(server, scram)
 
 
 CASES = [(m, e) for m in MECHANISMS for e in ("accepted", "535", "hang-up", "no-answer", "echo")]
@@ -102,20 +148,26 @@ CASES = [(m, e) for m in MECHANISMS for e in ("accepted", "535", "hang-up", "no-
 
 @pytest.mark.parametrize("raised", CASES, indirect=True, ids=[f"{m}-{e}" for m, e in CASES])
 @pytest.mark.parametrize("debug", [True, False], ids=["DEBUG", "production"])
-def test_no_secret_in_django_error_reports(raised: BaseException, debug: bool) -> None:
+def test_no_secret_in_django_error_reports(
+    raised: tuple[BaseException, list[str]], debug: bool
+) -> None:
+    error, forms = raised
     with override_settings(DEBUG=debug):
-        reporter = ExceptionReporter(None, type(raised), raised, raised.__traceback__)
+        reporter = ExceptionReporter(None, type(error), error, error.__traceback__)
         html = reporter.get_traceback_html()
         text = reporter.get_traceback_text()
     assert "Traceback" in text and "Local vars" in html  # the report really shows locals
-    assert search(html) == []
-    assert search(text) == []
+    assert search(html, forms) == []
+    assert search(text, forms) == []
 
 
 @pytest.mark.parametrize("raised", CASES, indirect=True, ids=[f"{m}-{e}" for m, e in CASES])
-def test_no_secret_in_the_exception_chain_or_its_frames(raised: BaseException) -> None:
+def test_no_secret_in_the_exception_chain_or_its_frames(
+    raised: tuple[BaseException, list[str]],
+) -> None:
+    error, forms = raised
     seen: list[str] = []
-    link: BaseException | None = raised
+    link: BaseException | None = error
     while link is not None:
         seen += [str(link), repr(link), repr(link.args)]
         tb = link.__traceback__
@@ -124,7 +176,7 @@ def test_no_secret_in_the_exception_chain_or_its_frames(raised: BaseException) -
                 seen.append(_safe_repr(value))
             tb = tb.tb_next
         link = link.__cause__ or link.__context__
-    assert search("\n".join(seen)) == []
+    assert search("\n".join(seen), forms) == []
 
 
 def _safe_repr(value: Any) -> str:

@@ -15,6 +15,12 @@ available, too weak, needs encryption) move on to the next one; a mechanism that
 the password itself is refused before TLS unless ``allow_cleartext_auth``.  Every response
 sent after AUTH, in its base64 form, and the password itself are redacted from every server
 line that echoes them.
+
+SCRAM (RFC 5802): a ``235`` before the server proved it knows the password (its signature
+checked) is a failure, and so is a challenge the mechanism refuses (the exchange is
+cancelled with ``*``).  A ``-PLUS`` mechanism is a candidate only under TLS with the
+server's certificate (:meth:`Opening.tls_established`); with the configuration's
+``auth_require_channel_binding``, a server that offers a ``-PLUS`` mechanism gets no other.
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ from .errors import (
 )
 from .protocol import NEED_DATA, ReplyReceived, SMTPConnection
 from .reply import Reply, SMTPStatus
-from .sasl import MECHANISMS, Mechanism, UnexpectedChallenge
+from .sasl import MECHANISMS, AuthContext, ChallengeRefused, Mechanism, UnexpectedChallenge
 
 __all__ = ["Opening"]
 
@@ -78,14 +84,18 @@ class Opening:
         self._out = out
         self._step = _Step.GREETING
         self._encrypted = False
+        self._certificate: bytes | None = None
         self._candidates: deque[str] = deque()
         self._mechanism: Mechanism | None = None
         self._last_unavailable: Reply | None = None
         self._cancel_reason = ""
 
-    def tls_established(self) -> None:
-        """The handshake is done: implicit TLS before the greeting, or after STARTTLS."""
+    def tls_established(self, certificate: bytes | None = None) -> None:
+        """The handshake is done: implicit TLS before the greeting, or after STARTTLS.
+        ``certificate``: the server's certificate in DER (``getpeercert(binary_form=True)``),
+        which channel binding (``SCRAM-SHA-256-PLUS``) needs."""
         self._encrypted = True
+        self._certificate = certificate
         if self._step is _Step.HANDSHAKING:
             self._hello()
 
@@ -170,7 +180,14 @@ class Opening:
             hint = "" if self._encrypted else " before TLS; set use_tls (STARTTLS) or use_ssl"
             raise NotSupportedError(f"server does not offer AUTH{hint}")
         wanted = [name.upper() for name in config.auth_mechanisms]
-        candidates = [name for name in wanted if name in offered and name in MECHANISMS]
+        context = self._context()
+        candidates = [
+            name
+            for name in wanted
+            if name in offered and name in MECHANISMS and MECHANISMS[name].usable(context)
+        ]
+        if getattr(config, "auth_require_channel_binding", False):
+            candidates = self._bound_only(offered, candidates)
         if not candidates:
             raise NotSupportedError(
                 f"no usable AUTH mechanism: the server offers {' '.join(offered)}, "
@@ -188,12 +205,37 @@ class Opening:
         self._step = _Step.AUTH
         self._next_mechanism()
 
+    def _context(self) -> AuthContext:
+        certificate = self._certificate if self._encrypted else None
+        return AuthContext(self._config.host, self._config.port, certificate)
+
+    def _bound_only(self, offered: tuple[str, ...], candidates: list[str]) -> list[str]:
+        """With ``auth_require_channel_binding``: when the server offers a -PLUS mechanism,
+        only -PLUS mechanisms remain (none usable: an error naming why)."""
+        plus = [name for name in offered if name.endswith("-PLUS")]
+        if not plus:
+            return candidates
+        bound = [name for name in candidates if MECHANISMS[name].binds_channel]
+        if not bound:
+            why = (
+                "the session is not under TLS"
+                if not self._encrypted
+                else "the server's certificate is not available to bind to"
+                if self._certificate is None
+                else "none of them is allowed by auth_mechanisms or supported"
+            )
+            raise NotSupportedError(
+                f"the server offers {' '.join(plus)} and auth_require_channel_binding is set, "
+                f"but channel binding is not possible: {why}; nothing was sent"
+            )
+        return bound
+
     def _next_mechanism(self) -> None:
         config = self._config
         assert config.username
         assert config.password
         name = self._candidates.popleft()
-        mechanism = MECHANISMS[name](config.username, config.password)
+        mechanism = MECHANISMS[name](config.username, config.password, self._context())
         self._mechanism = mechanism
         self._conn.redact(*mechanism.echo_forms())
         initial = mechanism.initial_response()
@@ -218,11 +260,20 @@ class Opening:
                 self._cancel("the server's challenge is not valid base64")
             except UnexpectedChallenge:
                 self._cancel("the server asked for an unexpected extra step")
+            except ChallengeRefused as error:
+                self._cancel(str(error))
             else:
                 self._send_secret(AuthResponse(response))
                 self._conn.redact(*mechanism.echo_forms())
             return
         if code == SMTPStatus.auth_successful:
+            if not mechanism.server_verified():
+                raise AuthenticationError(
+                    reply,
+                    f"AUTH {mechanism.name}",
+                    "the server accepted us without proving that it knows the password "
+                    "(no valid SCRAM server signature): treated as a failure",
+                )
             self._info.auth_mechanism = mechanism.name
             self._info.auth_username = self._config.username
             self._step = _Step.DONE

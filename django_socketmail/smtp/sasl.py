@@ -10,6 +10,10 @@ leaves as one: the plain bytes exist only inside the mechanism's own methods.
   order of the challenges and never by their text, which servers vary.
 - ``CRAM-MD5`` (RFC 2195): ``user SP hex(HMAC-MD5(password, challenge))``; the password
   never crosses the wire, which is why it is allowed without TLS.
+- ``SCRAM-SHA-256``, ``SCRAM-SHA-1`` (RFC 7677, RFC 5802; see :mod:`.scram`): the password
+  never crosses the wire and the server proves it knows it; allowed without TLS.
+  ``SCRAM-SHA-256-PLUS`` also binds the exchange to the TLS channel
+  (``tls-server-end-point``), so it is offered only under TLS with the server's certificate.
 """
 
 from __future__ import annotations
@@ -18,15 +22,46 @@ import base64
 import hashlib
 import hmac
 from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
 from typing import ClassVar, Final
 
+from .scram import ScramClient, ScramError, tls_server_end_point
 from .secret import Secret
 
-__all__ = ["MECHANISMS", "CramMD5", "Login", "Mechanism", "Plain", "UnexpectedChallenge"]
+__all__ = [
+    "DEFAULT_PREFERENCE",
+    "MECHANISMS",
+    "AuthContext",
+    "ChallengeRefused",
+    "CramMD5",
+    "Login",
+    "Mechanism",
+    "Plain",
+    "ScramSHA1",
+    "ScramSHA256",
+    "ScramSHA256Plus",
+    "UnexpectedChallenge",
+]
 
 
 class UnexpectedChallenge(Exception):
     """The server sent a challenge the mechanism has no answer for (an extra step)."""
+
+
+class ChallengeRefused(Exception):
+    """The server's challenge is unacceptable (a SCRAM nonce that does not extend ours, a
+    wrong server signature...): the exchange is cancelled.  The text is safe to show."""
+
+
+@dataclass(frozen=True, slots=True)
+class AuthContext:
+    """What a mechanism may need besides the credentials: the server as configured (for
+    OAUTHBEARER's ``host``/``port``) and, under TLS, the server's certificate (DER, for
+    channel binding)."""
+
+    host: str = ""
+    port: int = 0
+    certificate: bytes | None = field(default=None, repr=False)
 
 
 class Mechanism(ABC):
@@ -35,10 +70,15 @@ class Mechanism(ABC):
     name: ClassVar[str]
     sends_password: ClassVar[bool]
     """True if the password itself crosses the wire (only acceptable under TLS)."""
+    binds_channel: ClassVar[bool] = False
+    """True for a -PLUS mechanism: usable only under TLS with the server's certificate."""
 
-    def __init__(self, username: str, password: Secret[str]) -> None:
+    def __init__(
+        self, username: str, password: Secret[str], context: AuthContext | None = None
+    ) -> None:
         self._username = username.encode("utf-8")
         self._password = password
+        self._context = context or AuthContext()
         self._step = 0
 
     def __repr__(self) -> str:
@@ -48,11 +88,24 @@ class Mechanism(ABC):
         """The response sent with the AUTH command itself, or None to wait for a challenge."""
         return None
 
+    @classmethod
+    def usable(cls, context: AuthContext) -> bool:
+        """Whether this mechanism can run in ``context`` (a -PLUS one needs a certificate
+        whose binding can be computed)."""
+        return True
+
     def respond(self, challenge: bytes) -> Secret[bytes]:
         """Return the answer to the decoded ``challenge``; raise :class:`UnexpectedChallenge`
-        when the exchange should have been over."""
+        when the exchange should have been over, :class:`ChallengeRefused` when the
+        challenge is unacceptable."""
         self._step += 1
         return Secret(self._respond(self._step, challenge))
+
+    def server_verified(self) -> bool:
+        """Whether the exchange is complete on our side: False while a mechanism that
+        authenticates the server (SCRAM) has not checked the server's proof, so a ``235``
+        before that proof is a failure."""
+        return True
 
     def echo_forms(self) -> tuple[str, ...]:
         """The password as a server might echo it back (raw, base64): redacted from every
@@ -119,8 +172,89 @@ class CramMD5(Mechanism):
         return (*super().echo_forms(), *([digest] if digest else []))
 
 
-MECHANISMS: Final[dict[str, type[Mechanism]]] = {cls.name: cls for cls in (CramMD5, Plain, Login)}
+class _Scram(Mechanism):
+    """SCRAM (RFC 5802 §5): client-first as the initial response, client-final for the
+    server-first challenge, an empty line once the server's signature is verified."""
+
+    hash_name: ClassVar[str]
+    sends_password: ClassVar[bool] = False
+
+    def __init__(
+        self, username: str, password: Secret[str], context: AuthContext | None = None
+    ) -> None:
+        super().__init__(username, password, context)
+        certificate = self._context.certificate
+        binding = tls_server_end_point(certificate) if certificate else None
+        self._client = ScramClient(
+            self.hash_name,
+            username,
+            password,
+            binding=binding if self.binds_channel else None,
+            binding_possible=binding is not None,
+        )
+
+    @classmethod
+    def usable(cls, context: AuthContext) -> bool:
+        if not cls.binds_channel:
+            return True
+        return context.certificate is not None and (
+            tls_server_end_point(context.certificate) is not None
+        )
+
+    def initial_response(self) -> Secret[bytes] | None:
+        return Secret(self._client.first())
+
+    def _respond(self, step: int, challenge: bytes) -> bytes:
+        try:
+            if step == 1:
+                return self._client.final(challenge)
+            if step == 2:
+                self._client.verify(challenge)
+                return b""
+        except ScramError as error:
+            raise ChallengeRefused(str(error)) from None
+        raise UnexpectedChallenge(self.name)
+
+    def server_verified(self) -> bool:
+        return self._client.verified
+
+    def echo_forms(self) -> tuple[str, ...]:
+        proof = self._client.proof
+        return (*super().echo_forms(), *([proof] if proof else []))
+
+
+class ScramSHA1(_Scram):
+    """SCRAM-SHA-1 (RFC 5802)."""
+
+    name: ClassVar[str] = "SCRAM-SHA-1"
+    hash_name: ClassVar[str] = "sha1"
+
+
+class ScramSHA256(_Scram):
+    """SCRAM-SHA-256 (RFC 7677)."""
+
+    name: ClassVar[str] = "SCRAM-SHA-256"
+    hash_name: ClassVar[str] = "sha256"
+
+
+class ScramSHA256Plus(ScramSHA256):
+    """SCRAM-SHA-256-PLUS (RFC 7677) with ``tls-server-end-point`` (RFC 5929 §4)."""
+
+    name: ClassVar[str] = "SCRAM-SHA-256-PLUS"
+    binds_channel: ClassVar[bool] = True
+
+
+MECHANISMS: Final[dict[str, type[Mechanism]]] = {
+    cls.name: cls for cls in (ScramSHA256Plus, ScramSHA256, ScramSHA1, CramMD5, Plain, Login)
+}
 """Every supported mechanism by its IANA name."""
 
-DEFAULT_PREFERENCE: Final = ("CRAM-MD5", "PLAIN", "LOGIN")
+DEFAULT_PREFERENCE: Final = (
+    "SCRAM-SHA-256-PLUS",
+    "SCRAM-SHA-256",
+    "SCRAM-SHA-1",
+    "CRAM-MD5",
+    "PLAIN",
+    "LOGIN",
+)
 """The order mechanisms are tried in when the configuration does not say."""
