@@ -30,7 +30,7 @@ from .smtp.transcript import Listener
 if TYPE_CHECKING:
     from .conf import BackendOptions
 
-__all__ = ["Session", "SessionKey", "learned_no_dot_pipelining"]
+__all__ = ["Session", "SessionKey", "forget_no_dot_pipelining", "learned_no_dot_pipelining"]
 
 logger = logging.getLogger("django_socketmail")
 
@@ -66,6 +66,12 @@ def learned_no_dot_pipelining(host: str, port: int) -> bool:
     pipelined behind a final dot (Dovecot's submission server 2.3 does): from then on, for
     the life of the process, the next envelope waits for the final reply."""
     return (host, port) in _NO_DOT_PIPELINING
+
+
+def forget_no_dot_pipelining() -> None:
+    """Forget every lesson of :func:`learned_no_dot_pipelining` (tests; a server upgraded)."""
+    with _NO_DOT_PIPELINING_LOCK:
+        _NO_DOT_PIPELINING.clear()
 
 
 def _learn_no_dot_pipelining(host: str, port: int) -> None:
@@ -127,11 +133,14 @@ class Session:
 
     def send(self, transactions: Sequence[Transaction], *, stop_on_error: bool) -> Batch:
         """Send on this session; a broken connection becomes the session's error."""
+        config = self.key.config
+        if learned_no_dot_pipelining(config.host, config.port):
+            # Learned since this session opened (by another session of the process).
+            self.client.engine.pipeline_after_dot = False
         batch = self.client.send(transactions, stop_on_error=stop_on_error)
         if batch.lost is not None and not self.client.is_connected:
             self.error = self.error or batch.lost
         if batch.lost_behind_dot:
-            config = self.key.config
             _learn_no_dot_pipelining(config.host, config.port)
         return batch
 

@@ -11,6 +11,8 @@ FINAL_REPLIES = [
     ("Postfix, long ids", "2.0.0 Ok: queued as 4Qp5Rk2gZ9z9vRf", "4Qp5Rk2gZ9z9vRf"),
     ("Postfix, CHUNKING", "2.0.0 Ok: 3899394 bytes queued as 4Qp5Rk2gZ9", "4Qp5Rk2gZ9"),
     ("Exim", "OK id=1xZ0iO-0007Ae-0J", "1xZ0iO-0007Ae-0J"),
+    # Dovecot submission 2.3 passes its relay's reply on verbatim (seen with Postfix behind).
+    ("Dovecot submission", "2.0.0 Ok: 465 bytes queued as 589FB20C051", "589FB20C051"),
     ("OpenSMTPD", "2.0.0 ed0414e9 Message accepted for delivery", "ed0414e9"),
     ("OpenSMTPD, older", "2.0.0: 5f3c29a1 Message accepted for delivery", "5f3c29a1"),
     (

@@ -57,13 +57,13 @@ POSTFIX_ID_IN_RECEIVED: Final = re.compile(rb"\(Postfix\) with ESMTP id ([0-9A-Z
 
 
 @pytest.fixture(autouse=True)
-def nothing_learned(monkeypatch: pytest.MonkeyPatch) -> None:
+def nothing_learned() -> None:
     """Each test starts with no server known to choke on an envelope behind the dot.
 
     The backend learns that per host and port for the life of the process, and the rig's
     port is the same for every test of the session.
     """
-    monkeypatch.setattr(session_module, "_NO_DOT_PIPELINING", set())
+    session_module.forget_no_dot_pipelining()
 
 
 def panics(rig: PostfixRig) -> int:
@@ -406,15 +406,6 @@ def test_backend_without_fail_silently_raises_the_unknown_message_error(
     assert statuses_logged == {"<loud-0@interop.test>": "unknown"}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "session.py decides pipeline_after_dot when a Session is built: an idle pooled "
-        "session opened before the lesson still pipelines behind the dot, the resend "
-        "borrows it and Dovecot panics again (seen: [unknown, unknown, sent, sent, sent], "
-        "2 panics, send_messages() == 3)"
-    ),
-)
 def test_pooled_session_opened_before_the_lesson_does_not_crash_dovecot_again(
     dovecot_submission: PostfixRig, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -446,14 +437,6 @@ def test_pooled_session_opened_before_the_lesson_does_not_crash_dovecot_again(
         close_pool()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "session.py decides pipeline_after_dot when a Session is built: a backend opened "
-        "before the lesson (another thread's, or a second open backend) still pipelines "
-        "behind the dot and crashes Dovecot once more (seen: [unknown, sent, sent], 2 panics)"
-    ),
-)
 def test_backend_opened_before_the_lesson_does_not_crash_dovecot_again(
     dovecot_submission: PostfixRig,
 ) -> None:
