@@ -117,6 +117,13 @@ OPTIONS: Final[dict[str, Option]] = {
         90,
         "Audit rows older than this are removed by socketmail_prune.",
     ),
+    "queue": Option("bool", False, "Store messages and send them from a Django Task (queued)."),
+    "task_backend": Option("str", "default", "The Tasks backend alias queued delivery runs on."),
+    "queue_max_attempts": Option("int", 8, "Attempts before a deferred message fails."),
+    "queue_max_age": Option("float", 172800.0, "Seconds before a deferred message fails."),
+    "queue_resend_unknown": Option(
+        "bool", False, "Send again a message whose final reply was lost (same Message-ID)."
+    ),
 }
 
 DJANGO_OPTIONS: Final = frozenset(name for name, o in OPTIONS.items() if o.django_setting) | {
@@ -208,6 +215,11 @@ class BackendOptions:
     audit_body_bytes: int
     audit_database: str | None
     audit_retention_days: int | None
+    queue: bool
+    task_backend: str
+    queue_max_attempts: int
+    queue_max_age: float
+    queue_resend_unknown: bool
 
     def client_config(self) -> ClientConfig:
         """The SMTP client's configuration for these options."""
@@ -438,4 +450,9 @@ _VALIDATORS: Final[dict[str, Callable[[Any], Any]]] = {
     "audit_body_bytes": _non_negative,
     "audit_database": _optional_string,
     "audit_retention_days": _optional_days,
+    "queue": _boolean,
+    "task_backend": _string,
+    "queue_max_attempts": lambda v: int(_positive(v, "attempts", whole=True)),
+    "queue_max_age": lambda v: _positive(v, "seconds"),
+    "queue_resend_unknown": _boolean,
 }

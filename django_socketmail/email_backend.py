@@ -231,6 +231,10 @@ class EmailBackend(BaseEmailBackend):
         """
         if not email_messages:
             return 0
+        if self.options.queue:
+            from .queue import store
+
+            return store(self, [m for m in email_messages if m.recipients()])
         with self._lock:
             opened = self.open()
             if self.session is None or opened is None:

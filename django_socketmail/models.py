@@ -23,9 +23,10 @@ from django.db import models
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
+from .outbox import OutboxContent, OutboxMessage  # the queue's tables, same app
 from .smtp.result import RecipientStatus, SendStatus
 
-__all__ = ["MessageLog", "RecipientLog", "SessionLog", "storable"]
+__all__ = ["MessageLog", "OutboxContent", "OutboxMessage", "RecipientLog", "SessionLog", "storable"]
 
 
 class SessionOutcome(models.TextChoices):

@@ -45,3 +45,11 @@ import django  # noqa: E402
 
 if django.VERSION >= (6, 1):
     MAILERS = {"default": {"BACKEND": "django.core.mail.backends.locmem.EmailBackend"}}
+
+# Queued delivery runs on Django's Tasks framework (django-tasks backport on 5.2): the
+# immediate backend runs a task at enqueue (after commit); "dummy" only records it.
+_TASKS = "django.tasks" if django.VERSION >= (6, 0) else "django_tasks"
+TASKS = {
+    "default": {"BACKEND": f"{_TASKS}.backends.immediate.ImmediateBackend"},
+    "dummy": {"BACKEND": f"{_TASKS}.backends.dummy.DummyBackend"},
+}

@@ -51,6 +51,8 @@ def test_the_boolean_options_are_known() -> None:
         "fail_silently",
         "pipelining",
         "pool",
+        "queue",
+        "queue_resend_unknown",
         "ssl_verify",
         "use_ssl",
         "use_tls",

@@ -20,7 +20,7 @@ import selectors
 import socket
 import ssl
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Final
 
 from .config import DEFAULT_TIMEOUT, ClientConfig, SessionInfo, TLSMode
@@ -94,6 +94,9 @@ class SMTPClient:
         self._deadline = 0.0
         self._cap = float("inf")
         self._progress = 0
+        self.before_write: Callable[[Write], None] | None = None
+        """Called with each :class:`~.engine.Write` before its first byte goes out (the
+        queue records there that a message's content may be about to leave)."""
 
     def __repr__(self) -> str:
         state = "connected" if self.is_connected else "closed"
@@ -281,6 +284,8 @@ class SMTPClient:
         return min(limit, self._cap - time.monotonic())
 
     def _write(self, action: Write) -> None:
+        if self.before_write is not None:
+            self.before_write(action)
         now = time.time()
         for result in action.started:
             result.started = now

@@ -28,6 +28,8 @@ class SendStatus(str, enum.Enum):
     REFUSED = "refused"
     FAILED = "failed"
     UNKNOWN = "unknown"
+    QUEUED = "queued"
+    """Stored for queued delivery (``queue=True``); the outbox row says what became of it."""
 
     @property
     def label(self) -> str:
@@ -86,11 +88,15 @@ class SendResult:
     """The DSN envelope id sent with it (RFC 3461 ENVID), which a bounce carries back."""
     dsn_sent: bool = False
     """True when DSN parameters went with it (the server offered DSN and some were asked)."""
+    outbox_id: int | None = None
+    """Its outbox row, when it was queued (``queue=True``) rather than sent."""
 
     @property
     def status(self) -> SendStatus:
         """Derived from the recipients' fates (see :class:`SendStatus`)."""
         fates = [r.status for r in self.recipients]
+        if self.outbox_id is not None and all(f is RecipientStatus.PENDING for f in fates):
+            return SendStatus.QUEUED
         delivered = fates.count(RecipientStatus.DELIVERED)
         if fates and delivered == len(fates):
             return SendStatus.SENT

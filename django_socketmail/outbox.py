@@ -1,0 +1,123 @@
+"""The outbox: messages stored for queued delivery (``queue=True``), one row each.
+
+:class:`OutboxMessage` holds the envelope, the state and the last reply, and is what the
+admin lists; the exact bytes to send live apart in :class:`OutboxContent`, so that large
+bodies never weigh on those lists.  Rows are written by :mod:`.queue` only.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Final
+
+from django.db import models
+from django.utils import timezone
+from django.utils.translation import gettext_lazy as _
+
+__all__ = ["DUE", "TERMINAL", "OutboxContent", "OutboxMessage", "OutboxStatus"]
+
+
+class OutboxStatus(models.TextChoices):
+    """Where a queued message stands (see :mod:`.queue` for every transition)."""
+
+    QUEUED = "queued"
+    SENDING = "sending"
+    DEFERRED = "deferred"
+    SENT = "sent"
+    PARTIAL = "partial"
+    REFUSED = "refused"
+    UNKNOWN = "unknown"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+_LABELS: Final = {
+    OutboxStatus.QUEUED: _("queued"),
+    OutboxStatus.SENDING: _("sending (leased by a worker)"),
+    OutboxStatus.DEFERRED: _("deferred (4xx: will retry)"),
+    OutboxStatus.SENT: _("sent"),
+    OutboxStatus.PARTIAL: _("partially sent"),
+    OutboxStatus.REFUSED: _("refused (5xx)"),
+    OutboxStatus.UNKNOWN: _("unknown (may have been delivered)"),
+    OutboxStatus.FAILED: _("failed"),
+    OutboxStatus.CANCELLED: _("cancelled"),
+}
+
+
+DUE: Final = (OutboxStatus.QUEUED, OutboxStatus.DEFERRED)
+"""States a worker may claim (once ``next_attempt`` has come)."""
+TERMINAL: Final = frozenset(
+    {
+        OutboxStatus.SENT,
+        OutboxStatus.PARTIAL,
+        OutboxStatus.REFUSED,
+        OutboxStatus.UNKNOWN,
+        OutboxStatus.FAILED,
+        OutboxStatus.CANCELLED,
+    }
+)
+
+
+class OutboxMessage(models.Model):
+    """One queued message: its envelope, its state, its last reply."""
+
+    mailer = models.CharField(_("mailer"), max_length=100, blank=True)
+    status = models.CharField(
+        _("status"),
+        max_length=16,
+        choices=[(str(status), label) for status, label in _LABELS.items()],
+        default=OutboxStatus.QUEUED,
+    )
+    created = models.DateTimeField(_("queued at"), default=timezone.now, editable=False)
+    next_attempt = models.DateTimeField(_("next attempt"), default=timezone.now)
+    attempts = models.PositiveIntegerField(_("attempts"), default=0)
+    last_attempt = models.DateTimeField(_("last attempt"), null=True, blank=True)
+    lease_owner = models.CharField(_("leased by"), max_length=64, blank=True)
+    lease_expires = models.DateTimeField(_("lease expires"), null=True, blank=True)
+    content_may_have_left = models.BooleanField(
+        _("content may have reached the server"),
+        default=False,
+        help_text=_("Set before its first byte is written: a crash means unknown."),
+    )
+    sender = models.CharField(_("envelope sender"), max_length=320)
+    recipients: models.JSONField[Any, Any] = models.JSONField(
+        _("envelope recipients"), default=list
+    )
+    message_id = models.CharField(_("Message-ID"), max_length=255, blank=True)
+    subject = models.CharField(_("subject"), max_length=255, blank=True)
+    size = models.PositiveIntegerField(_("size in bytes"), default=0)
+    delivery: models.JSONField[Any, Any] = models.JSONField(
+        _("delivery options"), default=dict, blank=True
+    )
+    last_reply_code = models.PositiveSmallIntegerField(_("last reply code"), null=True, blank=True)
+    last_reply = models.TextField(_("last reply"), blank=True)
+    last_error = models.TextField(_("last error"), blank=True)
+    queue_id = models.CharField(_("queue id"), max_length=128, blank=True)
+
+    class Meta:
+        verbose_name = _("queued message")
+        verbose_name_plural = _("outbox")
+        ordering: ClassVar[list[str]] = ["-created"]
+        indexes: ClassVar[list[models.Index]] = [
+            models.Index(fields=["mailer", "status", "next_attempt"], name="socketmail_outbox_due"),
+            models.Index(fields=["status", "lease_expires"], name="socketmail_outbox_lease"),
+            models.Index(fields=["created"], name="socketmail_outbox_created"),
+            models.Index(fields=["message_id"], name="socketmail_outbox_msgid"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.subject or '(no subject)'} ({self.status})"
+
+
+class OutboxContent(models.Model):
+    """The exact bytes of a queued message, as the serializer produced them."""
+
+    message = models.OneToOneField(
+        OutboxMessage, on_delete=models.CASCADE, primary_key=True, related_name="content"
+    )
+    data = models.BinaryField(_("message"))
+
+    class Meta:
+        verbose_name = _("queued message content")
+
+    def __str__(self) -> str:
+        return f"content of queued message #{self.pk}"

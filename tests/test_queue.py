@@ -1,0 +1,237 @@
+"""Queued delivery (``queue=True``) on Django's Tasks framework, against the scripted server.
+
+The test settings run tasks with the immediate backend (a task runs when enqueued, after
+the commit) and offer a "dummy" one that only records them, for tests that run the worker
+themselves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from django.core.mail import EmailMessage
+from django.db import transaction
+from django.test import override_settings
+from django.utils import timezone
+
+from django_socketmail.email_backend import EmailBackend
+from django_socketmail.outbox import OutboxContent, OutboxMessage, OutboxStatus
+from django_socketmail.queue import LEASE, Worker, deliver, recover
+from django_socketmail.smtp import SendResult, SendStatus
+
+from .hostile.server import HostileSMTPServer, close, cycle, reply, standard_session
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@contextmanager
+def mailer_at(server: HostileSMTPServer, **socketmail: Any) -> Iterator[None]:
+    """The settings a worker builds its (sending) backend from."""
+    with override_settings(
+        EMAIL_HOST=server.host,
+        EMAIL_PORT=server.port,
+        EMAIL_TIMEOUT=2,
+        SOCKETMAIL={"audit_log": False, "local_hostname": "client.example", **socketmail},
+    ):
+        yield
+
+
+def queued(**options: Any) -> EmailBackend:
+    return EmailBackend(queue=True, audit_log=False, **options)
+
+
+def message(subject: str = "queued", to: list[str] | None = None) -> EmailMessage:
+    return EmailMessage(subject, "body\n", "shop@example.com", to or ["a@example.com"])
+
+
+def result_of(msg: EmailMessage) -> SendResult:
+    result = getattr(msg, "socketmail_result", None)
+    assert isinstance(result, SendResult)
+    return result
+
+
+def rows() -> list[OutboxMessage]:
+    return list(OutboxMessage.objects.order_by("pk"))
+
+
+def test_a_rolled_back_transaction_stores_and_sends_nothing() -> None:
+    with HostileSMTPServer([standard_session()]) as server, mailer_at(server):
+        stored = []
+
+        def order() -> None:
+            with transaction.atomic():
+                stored.append(queued().send_messages([message()]))
+                raise RuntimeError("the order failed")
+
+        with pytest.raises(RuntimeError):
+            order()
+        assert stored == [1]
+        assert OutboxMessage.objects.count() == 0
+        assert OutboxContent.objects.count() == 0
+    assert server.connections == []
+
+
+def test_committed_messages_are_sent_by_the_task() -> None:
+    with HostileSMTPServer([standard_session()]) as server, mailer_at(server):
+        msgs = [message("one"), message("two")]
+        assert queued().send_messages(msgs) == 2
+        assert server.wait_closed()
+    for msg in msgs:
+        result = result_of(msg)
+        assert result.status is SendStatus.QUEUED
+        assert result.outbox_id is not None
+    assert [(r.status, r.attempts, r.queue_id) for r in rows()] == [
+        ("sent", 1, "HOSTILE1"),
+        ("sent", 1, "HOSTILE2"),
+    ]
+    assert len(server.connections) == 1  # one pipelined session for the batch
+    stored = OutboxContent.objects.get(pk=rows()[0].pk)
+    assert bytes(stored.data) == server.connections[0].messages[0]  # the exact bytes
+    assert rows()[0].message_id.startswith("<") and rows()[0].subject == "one"
+
+
+def test_a_5xx_is_never_retried() -> None:
+    refuse = {"RCPT": reply(550, "5.1.1 no such user")}
+    with (
+        HostileSMTPServer([standard_session(refuse), standard_session()]) as server,
+        mailer_at(server),
+    ):
+        queued().send_messages([message()])
+        (row,) = rows()
+        assert (row.status, row.attempts, row.last_reply_code) == ("refused", 1, 550)
+        OutboxMessage.objects.update(next_attempt=timezone.now() - timedelta(days=1))
+        assert deliver.call("") == {}
+    assert len(server.connections) == 1
+
+
+def test_a_4xx_is_deferred_with_backoff_then_sent() -> None:
+    later = {"RCPT": reply(450, "4.2.1 mailbox busy")}
+    with (
+        HostileSMTPServer([standard_session(later), standard_session()]) as server,
+        mailer_at(server),
+    ):
+        before = timezone.now()
+        queued().send_messages([message()])
+        (row,) = rows()
+        assert (row.status, row.attempts, row.last_reply_code) == ("deferred", 1, 450)
+        assert before + timedelta(seconds=29) < row.next_attempt < before + timedelta(seconds=91)
+        assert deliver.call("") == {}  # not due yet
+        OutboxMessage.objects.update(next_attempt=timezone.now())
+        assert deliver.call("") == {"sent": 1}
+        (row,) = rows()
+        assert (row.status, row.attempts) == ("sent", 2)
+    assert len(server.connections) == 2
+
+
+def test_deferred_until_the_attempts_run_out() -> None:
+    later = {"MAIL": reply(451, "4.3.0 try later")}
+    with (
+        HostileSMTPServer([standard_session(later)]) as server,
+        mailer_at(server, queue_max_attempts=2),
+    ):
+        queued().send_messages([message()])
+        OutboxMessage.objects.update(next_attempt=timezone.now())
+        assert deliver.call("") == {"failed": 1}
+        (row,) = rows()
+        assert (row.status, row.attempts, row.last_reply_code) == ("failed", 2, 451)
+
+
+def test_a_lost_final_reply_is_unknown_and_not_resent() -> None:
+    with (
+        HostileSMTPServer([standard_session({".": close()}), standard_session()]) as server,
+        mailer_at(server),
+    ):
+        queued().send_messages([message()])
+        (row,) = rows()
+        assert (row.status, row.content_may_have_left) == ("unknown", True)
+        OutboxMessage.objects.update(next_attempt=timezone.now())
+        assert deliver.call("") == {}
+    assert len(server.connections) == 1
+
+
+def test_resend_unknown_sends_the_same_bytes_again() -> None:
+    with (
+        HostileSMTPServer([standard_session({".": close()}), standard_session()]) as server,
+        mailer_at(server, queue_resend_unknown=True),
+    ):
+        queued().send_messages([message()])
+        assert rows()[0].status == "deferred"
+        OutboxMessage.objects.update(next_attempt=timezone.now())
+        assert deliver.call("") == {"sent": 1}
+        assert server.wait_closed(count=2)
+    first, second = server.connections
+    assert second.messages == [bytes(OutboxContent.objects.get().data)]
+    assert first.received.count(b"Message-ID") == second.received.count(b"Message-ID") == 1
+
+
+def test_expired_leases_are_recovered_by_what_may_have_left() -> None:
+    with override_settings(SOCKETMAIL={"task_backend": "dummy"}):
+        queued().send_messages([message("written"), message("not written"), message("live")])
+    written, unwritten, live = rows()
+    past, future = timezone.now() - timedelta(seconds=1), timezone.now() + LEASE
+    OutboxMessage.objects.filter(pk=written.pk).update(
+        status="sending",
+        lease_owner="dead",
+        lease_expires=past,
+        attempts=1,
+        content_may_have_left=True,
+    )
+    OutboxMessage.objects.filter(pk=unwritten.pk).update(
+        status="sending", lease_owner="dead", lease_expires=past, attempts=1
+    )
+    OutboxMessage.objects.filter(pk=live.pk).update(
+        status="sending", lease_owner="alive", lease_expires=future, attempts=1
+    )
+    assert recover() == {"unknown": 1, "queued": 1}
+    assert [(r.status, r.attempts, r.lease_owner) for r in rows()] == [
+        ("unknown", 1, ""),
+        ("queued", 0, ""),
+        ("sending", 1, "alive"),
+    ]
+
+
+def test_two_workers_never_claim_the_same_row() -> None:
+    with override_settings(SOCKETMAIL={"task_backend": "dummy"}):
+        queued().send_messages([message(f"m{n}") for n in range(10)])
+    first, second = Worker(""), Worker("")
+    a = {r.pk for r in first.claim(6)}
+    b = {r.pk for r in second.claim(6)}
+    assert len(a) == 6 and len(b) == 4 and not a & b
+    assert OutboxMessage.objects.filter(status=OutboxStatus.SENDING).count() == 10
+
+
+def test_messages_never_started_go_back_to_the_queue_uncounted() -> None:
+    """A 421 at the first message: the others were never started on that connection."""
+    closing = {"MAIL": cycle([reply(421, "4.3.2 shutting down"), close()])}
+    with HostileSMTPServer([standard_session(closing)]) as server, mailer_at(server):
+        with override_settings(SOCKETMAIL={"task_backend": "dummy"}):
+            queued().send_messages([message("a"), message("b")])
+        worker = Worker("")
+        worker.options = EmailBackend(queue=False).options
+        claimed = worker.claim(10)
+        worker.send(EmailBackend(queue=False, fail_silently=True), claimed)
+    first, second = rows()
+    assert (first.status, first.attempts, first.last_reply_code) == ("deferred", 1, 421)
+    assert (second.status, second.attempts) == ("queued", 0)
+
+
+def test_the_management_command_recovers_delivers_and_reports() -> None:
+    from io import StringIO
+
+    from django.core.management import call_command
+
+    with HostileSMTPServer([standard_session()]) as server, mailer_at(server):
+        with override_settings(SOCKETMAIL={"task_backend": "dummy"}):
+            queued().send_messages([message("cron")])
+        out = StringIO()
+        call_command("socketmail_queue", "--recover", "--deliver", stdout=out)
+        assert server.wait_closed()
+    text = out.getvalue()
+    assert "recovered: 0 unknown, 0 queued" in text
+    assert "mailer '': 1 sent" in text
+    assert "(default)\tsent\t1" in text
+    assert rows()[0].queue_id == "HOSTILE1"
