@@ -9,10 +9,12 @@ and links to the message list filtered by that session for the rest.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Final
 
 from django.contrib import admin
-from django.db.models import QuerySet
+from django.db import models, router
+from django.db.models import Model, QuerySet
 from django.forms.models import BaseInlineFormSet
 from django.http import HttpRequest
 from django.urls import reverse
@@ -20,6 +22,7 @@ from django.utils.formats import number_format
 from django.utils.functional import cached_property
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString
+from django.utils.text import capfirst
 from django.utils.translation import gettext_lazy as _
 
 from .models import MessageLog, RecipientLog, SessionLog
@@ -30,6 +33,9 @@ if TYPE_CHECKING:
 
 INLINE_MESSAGES: Final = 50
 """Messages shown on a session's page (the latest ones); the others are a link away."""
+
+DELETION_LISTED: Final = 50
+"""Rows a delete confirmation lists one by one; above that it lists counts per model."""
 
 _SIDES: Final = {"C": ("client", "→"), "S": ("server", "←"), "*": ("info", "·")}
 _ROW: Final = re.compile(r"\+(?P<elapsed>[0-9]+\.[0-9]+) (?P<side>[CS*]): (?P<text>.*)", re.DOTALL)
@@ -98,8 +104,33 @@ def _server_text_display(field: str, label: StrOrPromise) -> Any:
     return show
 
 
+def _cascade(model: type[Model], lookup: str = "") -> list[tuple[type[Model], str]] | None:
+    """The models whose rows are deleted with ``model``'s (``CASCADE``), each with the
+    lookup from it to ``model``'s primary key; ``None`` when a relation on the way can
+    refuse or change a deletion (``PROTECT``, ``RESTRICT``, ``SET(...)``)."""
+    found: list[tuple[type[Model], str]] = []
+    for relation in model._meta.related_objects:
+        on_delete = getattr(relation, "on_delete", None)
+        if on_delete in (models.SET_NULL, models.SET_DEFAULT, models.DO_NOTHING):
+            continue
+        related = relation.related_model
+        if on_delete is not models.CASCADE or not isinstance(related, type):
+            return None
+        path = f"{relation.field.name}__{lookup}" if lookup else relation.field.name
+        below = _cascade(related, path)
+        if below is None:
+            return None
+        found += [(related, path), *below]
+    return found
+
+
 class ReadOnlyAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
-    """No adding, no changing: an audit log is evidence.  Deleting needs the permission."""
+    """No adding, no changing: an audit log is evidence.  Deleting needs the permission.
+
+    Deleting many rows (a session with its messages, or messages selected by the
+    thousand) is confirmed on a page that lists the first objects and counts the rest
+    per model, with the same permission rules as Django's listing.
+    """
 
     class Media:
         css: ClassVar = {"all": ("django_socketmail/admin.css",)}
@@ -109,6 +140,71 @@ class ReadOnlyAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
 
     def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
+
+    def get_deleted_objects(
+        self, objs: Sequence[Model] | QuerySet[Model], request: HttpRequest
+    ) -> tuple[list[Any], dict[Any, int], set[Any], list[Any]]:
+        """Django's listing when at most :data:`DELETION_LISTED` rows go, else a bounded
+        summary: ``(objects to list, count per model, permissions lacking, protected)``."""
+        cascade = _cascade(self.model)
+        if cascade is None:
+            return super().get_deleted_objects(objs, request)
+        using = router.db_for_write(self.model)
+        keys: QuerySet[Model, dict[str, Any]] | list[Any]
+        if isinstance(objs, QuerySet):
+            total, keys = objs.count(), objs.values("pk")
+        else:
+            total, keys = len(objs), [obj.pk for obj in objs]
+        counts = {
+            model: model._default_manager.using(using).filter(**{f"{path}__in": keys}).count()
+            for model, path in cascade
+        }
+        if total + sum(counts.values()) <= DELETION_LISTED:
+            return super().get_deleted_objects(objs, request)
+        perms_needed: set[Any] = set()
+        if not self.has_delete_permission(request):
+            perms_needed.add(self.opts.verbose_name)
+        for model, count in counts.items():
+            model_admin = self.admin_site._registry.get(model)
+            if count and model_admin is not None and not model_admin.has_delete_permission(request):
+                perms_needed.add(model._meta.verbose_name)
+        first = list(objs[:DELETION_LISTED])
+        listed: list[Any] = [self._deleted_object(obj) for obj in first]
+        if total > len(first):
+            listed.append(
+                _("… and %(count)s more %(name)s")
+                % {
+                    "count": number_format(total - len(first), force_grouping=True),
+                    "name": self.opts.verbose_name_plural,
+                }
+            )
+        with_them = [
+            self._deleted_count(model, count, first) for model, count in counts.items() if count
+        ]
+        if with_them:
+            listed.append(with_them)
+        model_count = {self.opts.verbose_name_plural: total} | {
+            model._meta.verbose_name_plural: count for model, count in counts.items() if count
+        }
+        return listed, model_count, perms_needed, []
+
+    def _deleted_object(self, obj: Model) -> SafeString:
+        url = reverse(
+            f"admin:{self.opts.app_label}_{self.opts.model_name}_change",
+            args=[obj.pk],
+            current_app=self.admin_site.name,
+        )
+        return format_html('{}: <a href="{}">{}</a>', capfirst(self.opts.verbose_name), url, obj)
+
+    def _deleted_count(self, model: type[Model], count: int, first: list[Model]) -> SafeString:
+        """``20,000 messages``, a link to them when they are one session's messages."""
+        shown = f"{number_format(count, force_grouping=True)} {model._meta.verbose_name_plural}"
+        if model is MessageLog and self.model is SessionLog and len(first) == 1:
+            url = reverse(
+                "admin:django_socketmail_messagelog_changelist", current_app=self.admin_site.name
+            )
+            return format_html('<a href="{}?session__id__exact={}">{}</a>', url, first[0].pk, shown)
+        return format_html("{}", shown)
 
 
 class ReadOnlyInline(admin.TabularInline):  # type: ignore[type-arg]

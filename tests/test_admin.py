@@ -13,7 +13,7 @@ from datetime import timedelta
 from typing import Any, Final
 
 import pytest
-from django.contrib.auth.models import User
+from django.contrib.auth.models import Permission, User
 from django.db import connection
 from django.test import Client
 from django.test.utils import CaptureQueriesContext
@@ -309,3 +309,87 @@ def test_pages_load_the_wrapping_stylesheet(admin_client: Client) -> None:
     message = make_message(final_reply="250 " + "A" * 5000)
     for url in (f"{BASE}messagelog/{message.pk}/change/", f"{BASE}sessionlog/"):
         assert "django_socketmail/admin.css" in admin_client.get(url).content.decode()
+
+
+# --- deleting: the confirmation page is bounded too ----------------------------------------
+
+
+def with_recipients(session: SessionLog, per_message: int = 1) -> int:
+    """Give each of the session's messages ``per_message`` recipient rows; return the count."""
+    rows = [
+        RecipientLog(message_id=pk, address=f"r{n}@example.com", status="delivered")
+        for pk in session.messages.values_list("pk", flat=True)
+        for n in range(per_message)
+    ]
+    RecipientLog.objects.bulk_create(rows, batch_size=2000)
+    return len(rows)
+
+
+def test_delete_confirmation_of_a_large_session_is_bounded(
+    admin_client: Client, django_assert_max_num_queries: Callable[..., Any]
+) -> None:
+    session = make_session(20_000)
+    with_recipients(session)
+    url = f"{BASE}sessionlog/{session.pk}/delete/"
+    with django_assert_max_num_queries(12):
+        page = admin_client.get(url)
+    assert page.status_code == 200
+    html = page.content.decode()
+    assert html.count("<li>") < 70
+    assert dict(page.context["model_count"]) == {
+        "SMTP sessions": 1,
+        "messages": 20_000,
+        "recipients": 20_000,
+    }
+    assert "20,000 messages" in html
+    assert f'href="{BASE}messagelog/?session__id__exact={session.pk}"' in html
+    # Confirming deletes everything, as before.
+    assert admin_client.post(url, {"post": "yes"}).status_code == 302
+    assert not SessionLog.objects.exists()
+    assert not MessageLog.objects.exists()
+    assert not RecipientLog.objects.exists()
+
+
+def test_delete_selected_messages_is_bounded(admin_client: Client) -> None:
+    session = make_session(500)
+    with_recipients(session, per_message=2)
+    pks = list(session.messages.values_list("pk", flat=True))
+    page = admin_client.post(
+        f"{BASE}messagelog/", {"action": "delete_selected", "_selected_action": pks}
+    )
+    assert page.status_code == 200
+    assert page.content.decode().count("<li>") < 70
+    assert dict(page.context["model_count"]) == {"messages": 500, "recipients": 1000}
+    done = admin_client.post(
+        f"{BASE}messagelog/",
+        {"action": "delete_selected", "_selected_action": pks, "post": "yes"},
+    )
+    assert done.status_code == 302
+    assert not MessageLog.objects.exists()
+    assert not RecipientLog.objects.exists()
+    assert SessionLog.objects.filter(pk=session.pk).exists()
+
+
+def test_small_deletions_list_every_object(admin_client: Client) -> None:
+    session = make_session(3)
+    with_recipients(session)
+    html = admin_client.get(f"{BASE}sessionlog/{session.pk}/delete/").content.decode()
+    assert html.count("Message number") == 3
+    assert html.count("Recipient: r0@example.com") == 3
+
+
+def test_deleting_a_session_needs_permission_for_its_messages() -> None:
+    session = make_session(200)
+    staff = User.objects.create_user("staff", password="pw", is_staff=True)
+    staff.user_permissions.add(
+        *Permission.objects.filter(codename__in=["view_sessionlog", "delete_sessionlog"])
+    )
+    client = Client()
+    client.force_login(staff)
+    url = f"{BASE}sessionlog/{session.pk}/delete/"
+    page = client.get(url)
+    assert page.status_code == 200
+    assert page.context["perms_lacking"] == {"message"}
+    assert client.post(url, {"post": "yes"}).status_code == 403
+    assert SessionLog.objects.filter(pk=session.pk).exists()
+    assert session.messages.count() == 200
