@@ -76,7 +76,7 @@ class OutboxMessage(models.Model):
     content_may_have_left = models.BooleanField(
         _("content may have reached the server"),
         default=False,
-        help_text=_("Set before its first byte is written: a crash means unknown."),
+        help_text=_("Set before its content is written: a crash then means unknown."),
     )
     sender = models.CharField(_("envelope sender"), max_length=320)
     recipients: models.JSONField[Any, Any] = models.JSONField(

@@ -23,15 +23,16 @@ lost reply     ``unknown``: not resent (``queue_resend_unknown`` re-queues it,
 never started  ``queued`` again, the attempt not counted
 =============  ===============================================================
 
-Crash safety does not depend on the Tasks backend.  Before the first byte of a message is
-written, its row is marked ``content_may_have_left`` (committed).  A worker killed at any
+Crash safety does not depend on the Tasks backend.  Before the write that carries a
+message's content (its BDAT chunk, or its data after DATA's 354), its row is marked
+``content_may_have_left`` (committed).  A worker killed at any
 point leaves rows ``sending`` under a lease that expires; the next run of :func:`deliver`,
 or ``manage.py socketmail_queue --recover`` from cron, turns each into:
 
-- ``queued`` (sent again later) when nothing of it was written: killed after the claim,
-  before its transaction started;
-- ``unknown`` (never resent silently) when it may have reached the server: killed after its
-  first byte was written and before its outcome was recorded.
+- ``queued`` (sent again later) when its content was not written: killed after the claim,
+  or while only its envelope was out (a server completes nothing without the content);
+- ``unknown`` (never resent silently) when it may have reached the server: killed after
+  the write of its content began and before its outcome was recorded.
 
 A row whose outcome was recorded is final (or ``deferred``, to be retried as planned); a
 crash between the caller's commit and the task leaves it ``queued`` for any later run.
@@ -150,8 +151,9 @@ def deliver(mailer: str) -> dict[str, int]:
 
 
 def recover(mailer: str | None = None, *, now: datetime | None = None) -> dict[str, int]:
-    """Turn rows whose lease expired into ``unknown`` (their content may have reached the
-    server) or ``queued`` (nothing of them was written).  ``mailer`` None: every mailer."""
+    """Turn rows whose lease expired (by ``now``) into ``unknown`` (their content may have
+    reached the server) or ``queued`` and due (their content was not written).  ``mailer``
+    None: every mailer."""
     now = now or timezone.now()
     alias = router.db_for_write(OutboxMessage)
     expired = OutboxMessage.objects.using(alias).filter(
@@ -169,7 +171,7 @@ def recover(mailer: str | None = None, *, now: datetime | None = None) -> dict[s
         status=OutboxStatus.QUEUED,
         lease_owner="",
         lease_expires=None,
-        next_attempt=now,
+        next_attempt=min(now, timezone.now()),
         attempts=F("attempts") - 1,
     )
     if unknown or requeued:
@@ -271,7 +273,7 @@ class Worker:
     def _before_write(self, write: Write, by_result: dict[int, int]) -> None:
         """Before bytes go out: record that these messages' content may leave (committed
         first), and renew the lease when a third of it has passed."""
-        ids = [by_result[id(r)] for r in write.started if id(r) in by_result]
+        ids = [by_result[id(r)] for r in write.content if id(r) in by_result]
         objects = OutboxMessage.objects.using(self.alias).filter(lease_owner=self.token)
         if ids:
             objects.filter(pk__in=ids).update(content_may_have_left=True)

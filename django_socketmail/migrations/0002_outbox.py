@@ -69,7 +69,7 @@ class Migration(migrations.Migration):
                     "content_may_have_left",
                     models.BooleanField(
                         default=False,
-                        help_text="Set before its first byte is written: a crash means unknown.",
+                        help_text="Set before its content is written: a crash then means unknown.",
                         verbose_name="content may have reached the server",
                     ),
                 ),

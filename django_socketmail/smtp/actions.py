@@ -16,10 +16,13 @@ __all__ = ["CLOSE", "DONE", "RECEIVE", "START_TLS", "Action", "Batch", "Settled"
 
 @dataclass(frozen=True, slots=True)
 class Write:
-    """Write ``parts`` in order.  ``started``: messages whose first command is in them."""
+    """Write ``parts`` in order.  ``started``: messages whose first command is in them;
+    ``content``: messages whose content ends in them (once written, a lost connection
+    leaves their outcome unknown)."""
 
     parts: tuple[bytes, ...]
     started: tuple[SendResult, ...] = ()
+    content: tuple[SendResult, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

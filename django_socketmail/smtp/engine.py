@@ -241,7 +241,7 @@ class Engine(Policies):
                 self._out.clear()  # in place: the opening holds this list too
                 self._writing, self._marks = self._marks, []
                 started, self._started = tuple(self._started), []
-                return Write(parts, started)
+                return Write(parts, started, tuple(tx.result for _, tx in self._writing))
             if self._close:
                 self._close = False
                 return CLOSE
