@@ -83,6 +83,13 @@ if os.environ.get("SOCKETMAIL_CA_FILE"):
 if os.environ.get("SOCKETMAIL_AUTH"):
     SOCKETMAIL["auth_mechanisms"] = os.environ["SOCKETMAIL_AUTH"].split(",")
 
+# Queued delivery (README "Queued delivery"): SOCKETMAIL_QUEUE=1 stores mail in the outbox
+# and a worker sends it: `manage.py db_worker` (django-tasks-db, the "queue" extra).
+if _flag("SOCKETMAIL_QUEUE"):
+    SOCKETMAIL["queue"] = True
+    INSTALLED_APPS.append("django_tasks_db")
+    TASKS = {"default": {"BACKEND": "django_tasks_db.DatabaseBackend"}}
+
 if django.VERSION >= (6, 1):
     MAILERS = {
         "default": {
