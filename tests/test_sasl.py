@@ -55,6 +55,8 @@ def test_registry_and_cleartext_flags() -> None:
         "CRAM-MD5",
         "PLAIN",
         "LOGIN",
+        "XOAUTH2",
+        "OAUTHBEARER",
     ]
     assert not CramMD5.sends_password and Plain.sends_password and Login.sends_password
 

@@ -21,6 +21,13 @@ checked) is a failure, and so is a challenge the mechanism refuses (the exchange
 cancelled with ``*``).  A ``-PLUS`` mechanism is a candidate only under TLS with the
 server's certificate (:meth:`Opening.tls_established`); with the configuration's
 ``auth_require_channel_binding``, a server that offers a ``-PLUS`` mechanism gets no other.
+
+OAuth 2.0 (XOAUTH2, OAUTHBEARER): with a token source (the configuration's
+``token_provider``, a :class:`~.oauth.TokenSource`), the token mechanisms the server offers
+and ``auth_mechanisms`` allows come first; without one they are not candidates.  When the
+server refuses a token (``535``, after its error challenge was answered), the source is
+asked once for a newer token and AUTH is tried once more with the same mechanism; a second
+refusal is final.  Each token's forms are redacted like the password's.
 """
 
 from __future__ import annotations
@@ -42,9 +49,11 @@ from .errors import (
     LocalProtocolError,
     NotSupportedError,
 )
+from .oauth import TokenSource
 from .protocol import NEED_DATA, ReplyReceived, SMTPConnection
 from .reply import Reply, SMTPStatus
 from .sasl import MECHANISMS, AuthContext, ChallengeRefused, Mechanism, UnexpectedChallenge
+from .secret import Secret
 
 __all__ = ["Opening"]
 
@@ -88,6 +97,8 @@ class Opening:
         self._candidates: deque[str] = deque()
         self._mechanism: Mechanism | None = None
         self._last_unavailable: Reply | None = None
+        self._token: Secret[str] | None = None
+        self._token_retried = False
         self._cancel_reason = ""
 
     def tls_established(self, certificate: bytes | None = None) -> None:
@@ -166,10 +177,14 @@ class Opening:
             self._step = _Step.STARTTLS
             self._send(StartTLS())
             return
-        if config.username and config.password:
+        if config.username and (config.password or self._token_source() is not None):
             self._authenticate()
             return
         self._step = _Step.DONE
+
+    def _token_source(self) -> TokenSource | None:
+        source: TokenSource | None = getattr(self._config, "token_provider", None)
+        return source
 
     # -- AUTH ------------------------------------------------------------------------------
 
@@ -186,18 +201,39 @@ class Opening:
             for name in wanted
             if name in offered and name in MECHANISMS and MECHANISMS[name].usable(context)
         ]
+        source = self._token_source()
+        candidates = [
+            name
+            for name in candidates
+            if (source is not None if MECHANISMS[name].uses_token else bool(config.password))
+        ]
+        if source is not None:  # the token mechanisms first, in their configured order
+            candidates.sort(key=lambda name: not MECHANISMS[name].uses_token)
         if getattr(config, "auth_require_channel_binding", False):
             candidates = self._bound_only(offered, candidates)
         if not candidates:
+            tokens = [
+                name for name in offered if name in MECHANISMS and MECHANISMS[name].uses_token
+            ]
+            hint = (
+                f"; {'/'.join(tokens)} needs an OAuth 2.0 token: set token_provider"
+                if tokens and source is None
+                else ""
+            )
             raise NotSupportedError(
                 f"no usable AUTH mechanism: the server offers {' '.join(offered)}, "
-                f"auth_mechanisms allows {' '.join(wanted) or 'none'}"
+                f"auth_mechanisms allows {' '.join(wanted) or 'none'}{hint}"
             )
         if not self._encrypted and not config.allow_cleartext_auth:
             safe = [name for name in candidates if not MECHANISMS[name].sends_password]
             if not safe:
+                what = (
+                    "an OAuth token"
+                    if all(MECHANISMS[name].uses_token for name in candidates)
+                    else "the password"
+                )
                 raise CleartextAuthError(
-                    f"refusing to send the password unencrypted with {'/'.join(candidates)}: "
+                    f"refusing to send {what} unencrypted with {'/'.join(candidates)}: "
                     "set use_tls or use_ssl, or allow_cleartext_auth=True to accept the risk"
                 )
             candidates = safe
@@ -231,11 +267,25 @@ class Opening:
         return bound
 
     def _next_mechanism(self) -> None:
-        config = self._config
-        assert config.username
-        assert config.password
         name = self._candidates.popleft()
-        mechanism = MECHANISMS[name](config.username, config.password, self._context())
+        if MECHANISMS[name].uses_token:
+            self._start(name, self._fetch_token(rejected=None))
+        else:
+            assert self._config.password
+            self._start(name, self._config.password)
+
+    def _fetch_token(self, rejected: Secret[str] | None) -> Secret[str]:
+        source = self._token_source()
+        assert source is not None
+        assert self._config.username
+        token = source.token(self._config.username, timeout=self._config.timeout, rejected=rejected)
+        self._token = token
+        return token
+
+    def _start(self, name: str, secret: Secret[str]) -> None:
+        """Send ``AUTH name`` for the password or token ``secret``."""
+        assert self._config.username
+        mechanism = MECHANISMS[name](self._config.username, secret, self._context())
         self._mechanism = mechanism
         self._conn.redact(*mechanism.echo_forms())
         initial = mechanism.initial_response()
@@ -284,8 +334,28 @@ class Opening:
                 self._next_mechanism()
                 return
             raise AuthenticationError(reply, "AUTH", "no offered mechanism was accepted")
+        if mechanism.uses_token:
+            self._token_refused(mechanism, reply)
+            return
         # 535 and everything else: never try another mechanism (account lock-out).
         raise AuthenticationError(reply, f"AUTH {mechanism.name}")
+
+    def _token_refused(self, mechanism: Mechanism, reply: Reply) -> None:
+        """A token was refused: on the first 535, a newer token and one more AUTH."""
+        said = getattr(mechanism, "error", "")
+        if reply.code == SMTPStatus.auth_failed and not self._token_retried:
+            self._token_retried = True
+            self._conn.transcript.info(
+                "the server refused the OAuth token"
+                + (f" ({said})" if said else "")
+                + "; asking the token provider for a new one and trying AUTH once more"
+            )
+            self._start(mechanism.name, self._fetch_token(rejected=self._token))
+            return
+        note = "the OAuth token was refused" + (f" ({said})" if said else "")
+        if self._token_retried:
+            note += ", also after a refresh"
+        raise AuthenticationError(reply, f"AUTH {mechanism.name}", note)
 
     def _cancel(self, why: str) -> None:
         self._cancel_reason = f"{why}; exchange cancelled"

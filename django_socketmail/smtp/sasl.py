@@ -14,6 +14,11 @@ leaves as one: the plain bytes exist only inside the mechanism's own methods.
   never crosses the wire and the server proves it knows it; allowed without TLS.
   ``SCRAM-SHA-256-PLUS`` also binds the exchange to the TLS channel
   (``tls-server-end-point``), so it is offered only under TLS with the server's certificate.
+- ``XOAUTH2`` (Google, Microsoft) and ``OAUTHBEARER`` (RFC 7628): an OAuth 2.0 bearer token
+  from a token source instead of the password (``uses_token``).  A token is as good as a
+  password to whoever reads it, so both need TLS like PLAIN.  On a bad token the server
+  sends a ``334`` with a base64 JSON error; the answer is an empty line (XOAUTH2) or the
+  byte ``\x01`` (OAUTHBEARER, RFC 7628 §3.2.3), then the server sends its ``535``.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import ClassVar, Final
 
+from .oauth import describe_error_challenge
 from .scram import ScramClient, ScramError, tls_server_end_point
 from .secret import Secret
 
@@ -36,11 +42,13 @@ __all__ = [
     "CramMD5",
     "Login",
     "Mechanism",
+    "OAuthBearer",
     "Plain",
     "ScramSHA1",
     "ScramSHA256",
     "ScramSHA256Plus",
     "UnexpectedChallenge",
+    "XOAuth2",
 ]
 
 
@@ -72,6 +80,8 @@ class Mechanism(ABC):
     """True if the password itself crosses the wire (only acceptable under TLS)."""
     binds_channel: ClassVar[bool] = False
     """True for a -PLUS mechanism: usable only under TLS with the server's certificate."""
+    uses_token: ClassVar[bool] = False
+    """True when the secret is an OAuth 2.0 bearer token, not the password."""
 
     def __init__(
         self, username: str, password: Secret[str], context: AuthContext | None = None
@@ -244,8 +254,66 @@ class ScramSHA256Plus(ScramSHA256):
     binds_channel: ClassVar[bool] = True
 
 
+class _Bearer(Mechanism):
+    """An OAuth 2.0 bearer token as the initial response; one error challenge answered."""
+
+    sends_password: ClassVar[bool] = True  # a bearer token is a credential: TLS only
+    uses_token: ClassVar[bool] = True
+    error_answer: ClassVar[bytes]
+    """What answers the server's error challenge."""
+
+    error: str = ""
+    """What the server's error challenge said (status, scope), for the AuthenticationError."""
+
+    def _respond(self, step: int, challenge: bytes) -> bytes:
+        if step == 1:
+            self.error = describe_error_challenge(challenge)
+            return self.error_answer
+        raise UnexpectedChallenge(self.name)  # a second challenge: cancel, never loop
+
+
+class XOAuth2(_Bearer):
+    """XOAUTH2 (Google's and Microsoft's): ``user=U ^A auth=Bearer T ^A ^A``."""
+
+    name: ClassVar[str] = "XOAUTH2"
+    error_answer: ClassVar[bytes] = b""
+
+    def initial_response(self) -> Secret[bytes] | None:
+        self._step = 0
+        token = self._secret()
+        return Secret(b"user=" + self._username + b"\x01auth=Bearer " + token + b"\x01\x01")
+
+
+class OAuthBearer(_Bearer):
+    """OAUTHBEARER (RFC 7628 §3.1): a gs2 header naming the user (``=`` and ``,`` escaped
+    as in RFC 5802), then ``host``, ``port`` and ``auth`` key-value pairs."""
+
+    name: ClassVar[str] = "OAUTHBEARER"
+    error_answer: ClassVar[bytes] = b"\x01"
+
+    def initial_response(self) -> Secret[bytes] | None:
+        self._step = 0
+        user = self._username.replace(b"=", b"=3D").replace(b",", b"=2C")
+        context = self._context
+        return Secret(
+            b"n,a=" + user + b",\x01host=" + context.host.encode("utf-8")
+            + b"\x01port=" + str(context.port).encode("ascii")
+            + b"\x01auth=Bearer " + self._secret() + b"\x01\x01"
+        )  # fmt: skip
+
+
 MECHANISMS: Final[dict[str, type[Mechanism]]] = {
-    cls.name: cls for cls in (ScramSHA256Plus, ScramSHA256, ScramSHA1, CramMD5, Plain, Login)
+    cls.name: cls
+    for cls in (
+        ScramSHA256Plus,
+        ScramSHA256,
+        ScramSHA1,
+        CramMD5,
+        Plain,
+        Login,
+        XOAuth2,
+        OAuthBearer,
+    )
 }
 """Every supported mechanism by its IANA name."""
 
@@ -256,5 +324,9 @@ DEFAULT_PREFERENCE: Final = (
     "CRAM-MD5",
     "PLAIN",
     "LOGIN",
+    "XOAUTH2",
+    "OAUTHBEARER",
 )
-"""The order mechanisms are tried in when the configuration does not say."""
+"""The order mechanisms are tried in when the configuration does not say.  With a token
+source, the token mechanisms (XOAUTH2, OAUTHBEARER) the server offers go first; without one
+they are never candidates, and without a password the others are not."""
