@@ -55,6 +55,7 @@ from django.db import connections, router, transaction
 from django.db.models import F
 from django.utils import timezone
 
+from . import signals
 from .outbox import DUE, OutboxContent, OutboxMessage, OutboxStatus
 from .serializer import serialize_parts
 from .smtp import RecipientResult, SendResult, SendStatus, SocketMailError
@@ -116,6 +117,7 @@ def store(backend: EmailBackend, messages: Sequence[EmailMessage]) -> int:
             )
             OutboxContent.objects.using(alias).create(message=row, data=data)
             stored.append((message, row, recipients, len(data)))
+            signals.message_queued.send(sender=OutboxMessage, outbox=row, message=message)
         mailer, tasks_alias = backend.mailer_alias, options.task_backend
         transaction.on_commit(lambda: enqueue(mailer, tasks_alias), using=alias)
     from .email_backend import RESULT_ATTRIBUTE
@@ -247,6 +249,11 @@ class Worker:
         }
         prepared = []
         for row in rows:
+            try:
+                signals.pre_send.send(sender=OutboxMessage, outbox=row)
+            except signals.CancelSend:
+                self._cancel(row)
+                continue
             tx = session.client.prepare(
                 row.sender, row.recipients, contents[row.pk], _delivery_from_json(row.delivery)
             )
@@ -280,6 +287,15 @@ class Worker:
         if time.monotonic() >= self._renew_at:
             objects.filter(status=OutboxStatus.SENDING).update(lease_expires=timezone.now() + LEASE)
             self._renew_at = time.monotonic() + LEASE.total_seconds() / 3
+
+    def _cancel(self, row: OutboxMessage) -> None:
+        OutboxMessage.objects.using(self.alias).filter(pk=row.pk, lease_owner=self.token).update(
+            status=OutboxStatus.CANCELLED,
+            lease_owner="",
+            lease_expires=None,
+            last_error="cancelled by a pre_send receiver",
+        )
+        self._count(OutboxStatus.CANCELLED)
 
     def _release(self, row: OutboxMessage) -> None:
         OutboxMessage.objects.using(self.alias).filter(pk=row.pk, lease_owner=self.token).update(
@@ -321,6 +337,19 @@ class Worker:
             **values
         )
         self._count(status)
+        if status in (OutboxStatus.SENT, OutboxStatus.PARTIAL):
+            signal = signals.message_sent
+        elif status == OutboxStatus.DEFERRED:
+            signal = signals.message_deferred
+        else:
+            signal = signals.message_failed
+        if signal.has_listeners(OutboxMessage):
+            row.refresh_from_db(using=self.alias)
+            for _receiver, failure in signal.send_robust(
+                sender=OutboxMessage, outbox=row, result=result
+            ):
+                if isinstance(failure, Exception):
+                    logger.error("django-socketmail: a %s receiver failed: %r", status, failure)
 
     def _count(self, status: str) -> None:
         self.counts[str(status)] = self.counts.get(str(status), 0) + 1

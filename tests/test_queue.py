@@ -235,3 +235,45 @@ def test_the_management_command_recovers_delivers_and_reports() -> None:
     assert "mailer '': 1 sent" in text
     assert "(default)\tsent\t1" in text
     assert rows()[0].queue_id == "HOSTILE1"
+
+
+def test_signals_tell_each_step_and_pre_send_may_cancel() -> None:
+    from django_socketmail import signals
+
+    seen: list[tuple[str, str]] = []
+
+    def record(name: str) -> Any:
+        def receiver(sender: Any, outbox: OutboxMessage, **kwargs: Any) -> None:
+            seen.append((name, outbox.subject))
+
+        return receiver
+
+    def veto(sender: Any, outbox: OutboxMessage, **kwargs: Any) -> None:
+        if outbox.subject == "spam":
+            raise signals.CancelSend
+
+    receivers = {
+        signals.message_queued: record("queued"),
+        signals.message_sent: record("sent"),
+        signals.message_deferred: record("deferred"),
+        signals.message_failed: record("failed"),
+    }
+    later = {"RCPT": cycle(reply(250, "2.1.5 Ok"), reply(450, "4.2.1 busy"))}
+    with HostileSMTPServer([standard_session(later)]) as server, mailer_at(server):
+        for signal, receiver in receivers.items():
+            signal.connect(receiver, dispatch_uid=id(receiver))
+        signals.pre_send.connect(veto, dispatch_uid="veto")
+        try:
+            queued().send_messages([message("ham"), message("spam"), message("later")])
+        finally:
+            for signal, receiver in receivers.items():
+                signal.disconnect(dispatch_uid=id(receiver))
+            signals.pre_send.disconnect(dispatch_uid="veto")
+    assert seen == [
+        ("queued", "ham"),
+        ("queued", "spam"),
+        ("queued", "later"),
+        ("sent", "ham"),
+        ("deferred", "later"),
+    ]
+    assert [r.status for r in rows()] == ["sent", "cancelled", "deferred"]
