@@ -1,4 +1,4 @@
-"""The Django app configuration: registers the system checks."""
+"""The Django app configuration: registers the system checks and the outbox's admin."""
 
 from __future__ import annotations
 
@@ -13,4 +13,9 @@ class SocketMailConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
+        from django.apps import apps
+
         from . import checks  # noqa: F401  (registers the checks)
+
+        if apps.is_installed("django.contrib.admin"):
+            from . import outbox_admin  # noqa: F401  (registers the outbox's admin)

@@ -75,7 +75,7 @@ if TYPE_CHECKING:
     from .conf import BackendOptions
     from .email_backend import EmailBackend
 
-__all__ = ["LEASE", "deliver", "enqueue", "recover", "store"]
+__all__ = ["LEASE", "Worker", "deliver", "enqueue", "kick", "recover", "store"]
 
 logger = logging.getLogger("django_socketmail")
 
@@ -144,6 +144,14 @@ def enqueue(mailer: str, tasks_alias: str, *, at: datetime | None = None) -> Non
             "queued for the next run (or manage.py socketmail_queue --deliver)",
             mailer,
         )
+
+
+def kick(mailer: str) -> None:
+    """Enqueue a delivery run for ``mailer`` once the current transaction commits, on the
+    Tasks backend its options name."""
+    tasks_alias = _sending_backend(mailer).options.task_backend
+    alias = router.db_for_write(OutboxMessage)
+    transaction.on_commit(lambda: enqueue(mailer, tasks_alias), using=alias)
 
 
 @task()

@@ -277,3 +277,27 @@ def test_signals_tell_each_step_and_pre_send_may_cancel() -> None:
         ("deferred", "later"),
     ]
     assert [r.status for r in rows()] == ["sent", "cancelled", "deferred"]
+
+
+def test_the_outbox_admin_lists_retries_and_cancels(client: Any) -> None:
+    from django.contrib.auth.models import User
+
+    User.objects.create_superuser("admin", "admin@example.com", "pw")
+    client.force_login(User.objects.get())
+    with override_settings(SOCKETMAIL={"task_backend": "dummy"}):
+        queued().send_messages([message("<b>keep</b>"), message("drop")])
+        keep, drop = rows()
+        OutboxMessage.objects.filter(pk=keep.pk).update(status="failed")
+        url = "/admin/django_socketmail/outboxmessage/"
+        page = client.get(url)
+        assert page.status_code == 200
+        assert b"&lt;b&gt;keep&lt;/b&gt;" in page.content and b"<b>keep</b>" not in page.content
+        for action, pk in (("retry_now", keep.pk), ("cancel", drop.pk)):
+            done = client.post(url, {"action": action, "_selected_action": [pk]}, follow=True)
+            assert done.status_code == 200
+        detail = client.get(f"{url}{keep.pk}/change/")
+        assert b"attempts of this message" in detail.content
+    assert [(r.status, r.subject) for r in rows()] == [
+        ("queued", "<b>keep</b>"),
+        ("cancelled", "drop"),
+    ]
