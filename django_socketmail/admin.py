@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Final
 
 from django.contrib import admin
+from django.contrib.admin.options import IncorrectLookupParameters
 from django.db import models, router
 from django.db.models import Model, QuerySet
 from django.forms.models import BaseInlineFormSet
@@ -227,6 +228,34 @@ class RecipientInline(ReadOnlyInline):
     reply_text = _server_text_display("reply", _("RCPT reply"))
 
 
+class SessionFilter(admin.SimpleListFilter):
+    """The messages of one session: the filter behind the link on a session's page.  It
+    offers only the session already chosen, never a list of all sessions."""
+
+    title = _("session")
+    parameter_name = "session__id__exact"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        value = self.value()
+        if not value:
+            return []
+        if not value.isdigit():
+            return [(value, value)]  # shown so that queryset() runs and refuses it
+        session = SessionLog.objects.filter(pk=int(value)).first()
+        return [(value, str(session) if session else value)]
+
+    def queryset(
+        self, request: HttpRequest, queryset: QuerySet[MessageLog]
+    ) -> QuerySet[MessageLog]:
+        value = self.value()
+        if value is None:
+            return queryset
+        if not value.isdigit():
+            raise IncorrectLookupParameters(value)
+        filtered: QuerySet[MessageLog] = queryset.filter(session_id=int(value))
+        return filtered
+
+
 @admin.register(MessageLog)
 class MessageLogAdmin(ReadOnlyAdmin):
     list_display = (
@@ -241,6 +270,7 @@ class MessageLogAdmin(ReadOnlyAdmin):
         "server",
     )
     list_filter = (
+        SessionFilter,
         "status",
         "session__host",
         "session__auth_mechanism",

@@ -393,3 +393,20 @@ def test_deleting_a_session_needs_permission_for_its_messages() -> None:
     assert client.post(url, {"post": "yes"}).status_code == 403
     assert SessionLog.objects.filter(pk=session.pk).exists()
     assert session.messages.count() == 200
+
+
+def test_message_list_of_one_session_says_which(admin_client: Client) -> None:
+    session = make_session(3, host="smtp.one.example")
+    make_session(2, host="smtp.two.example")
+    listing = admin_client.get(f"{BASE}messagelog/", {"session__id__exact": session.pk})
+    assert listing.context["cl"].result_count == 3
+    html = listing.content.decode()
+    # The filter is shown (and can be cleared), naming the session.
+    assert "By session" in html
+    assert f"smtp.one.example:587 at {session.created:%Y-%m-%d %H:%M:%S}" in html
+    assert "smtp.two.example:587 at" not in html
+    unfiltered = admin_client.get(f"{BASE}messagelog/").content.decode()
+    assert "By session" not in unfiltered
+    bogus = admin_client.get(f"{BASE}messagelog/", {"session__id__exact": "x'--"})
+    assert bogus.status_code == 302
+    assert bogus["Location"].endswith("?e=1")
