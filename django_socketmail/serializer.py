@@ -19,10 +19,13 @@ multiple of the base64 line for base64).  The stdlib encoders are line-local, so
 concatenate to exactly what the whole payload would have given.
 
 Anything this cannot reproduce exactly (a charset whose encoding is not line-local, a
-subclass whose ``message()`` does not use the payloads) is serialized by :func:`serialize`
-instead, so the result is always Django's.  So is a message one of whose payloads holds a
-MIME boundary drawn for it: serialized again, it gets new boundaries (Django's own path
-would send the colliding one, which the stdlib's check misses over CRLF).
+subclass that overrides one of Django's builder methods) is serialized by :func:`serialize`
+instead, and so is every message when the private internals the streaming relies on are
+not as checked (see :func:`probe_internals`), or when using them fails at send time.  So
+is a message one of whose payloads holds a MIME boundary drawn for it: serialized again,
+it gets new boundaries (Django's own path would send the colliding one, which the stdlib's
+check misses over CRLF).  ``tests/test_serializer.py`` checks the bytes against Django's
+for each of these cases.
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ import email.headerregistry
 import email.message
 import email.policy
 import itertools
+import logging
+import random
 import re
 import uuid
 from collections.abc import Callable, Iterator
@@ -51,7 +56,17 @@ from .smtp.content import crlf_line_breaks
 if TYPE_CHECKING:
     from django.core.mail import EmailMessage
 
-__all__ = ["LAZY_PAYLOAD_CHARS", "SLICE_CHARS", "serialize", "serialize_parts"]
+__all__ = [
+    "INTERNALS",
+    "LAZY_PAYLOAD_CHARS",
+    "SLICE_CHARS",
+    "Internals",
+    "probe_internals",
+    "serialize",
+    "serialize_parts",
+]
+
+logger = logging.getLogger("django_socketmail")
 
 LAZY_PAYLOAD_CHARS: Final = 64 * 1024
 """Payloads from this many characters (or bytes) up are streamed; smaller ones are not
@@ -72,7 +87,14 @@ _LONG_LINE_BYTES: Final = 998
 
 def serialize(message: EmailMessage) -> bytes:
     """The message as bytes with CRLF line endings, as Django's own SMTP backend makes it."""
-    return _as_bytes(_build(message))
+    if _SMTP_POLICY is email.policy.SMTP:
+        return _as_bytes(_build(message, email.policy.SMTP))
+    try:
+        return _as_bytes(_build(message, _SMTP_POLICY))
+    except _DRIFT_ERRORS as error:
+        # The header classes are made as headers are set, while the tree is built: before
+        # the generator draws any boundary, in the cases tested.
+        return _djangos_whole_path(message, error, None)
 
 
 def serialize_parts(
@@ -82,15 +104,52 @@ def serialize_parts(
     ``Message-ID`` and random MIME boundaries) as a list of non-empty parts, holding no
     payload of ``lazy_threshold`` characters or more twice: such payloads are encoded
     slice by slice into parts of their own."""
-    plan = _Plan.for_message(message, lazy_threshold)
+    try:
+        plan = _Plan.for_message(message, lazy_threshold)
+    except _DRIFT_ERRORS as error:
+        return [_djangos_whole_path(message, error, None)]
     if plan is None:
-        return [serialize(message)]
-    parts = plan.serialize()
+        return [serialize(message)]  # the common case: nothing to stream
+    state = random.getstate()  # about 20 us, for a payload of 64 KB or more
+    try:
+        parts = plan.serialize()
+    except _DRIFT_ERRORS as error:
+        return [_djangos_whole_path(message, error, state)]
     if parts is None:
         # Serialized again, the message gets new MIME boundaries (drawn from ``random``):
         # after a boundary found in a payload, that is what it needs.
         return [serialize(message)]
     return parts
+
+
+_DRIFT_ERRORS: Final = (TypeError, AttributeError, LookupError, ValueError)
+"""What a private internal whose name, signature or result changed after the probe
+raises: such a failure falls back to Django's whole path."""
+
+
+def _djangos_whole_path(message: EmailMessage, error: Exception, state: object) -> bytes:
+    """Django's own serialization, after ``error`` on the other path.  ``state``, the
+    ``random`` state from before that path drew any MIME boundary (None: it drew none), is
+    restored first, so the boundaries are those Django's path would have drawn.  When the
+    message itself is at fault, Django's path raises Django's own error here; when it does
+    not, the internals changed after the probe (or this module has a bug): logged once."""
+    if state is not None:
+        random.setstate(cast(Any, state))
+    data = _as_bytes(_build(message, email.policy.SMTP))
+    global _drift_logged
+    if not _drift_logged:
+        _drift_logged = True
+        logger.warning(
+            "django_socketmail.serializer: serializing failed (%s: %s); messages that fail "
+            "so are serialized by Django's own path.  Please report this with your Python "
+            "and Django versions.",
+            type(error).__name__,
+            error,
+        )
+    return data
+
+
+_drift_logged = False
 
 
 class _HeaderClasses(email.headerregistry.HeaderRegistry):
@@ -115,15 +174,11 @@ class _HeaderClasses(email.headerregistry.HeaderRegistry):
         return made
 
 
-_SMTP_POLICY: Final = email.policy.SMTP.clone(header_factory=_HeaderClasses())
-"""Django's SMTP backend serializes with ``email.policy.SMTP``: the same, with
-:class:`_HeaderClasses`."""
-
-
-def _build(message: EmailMessage) -> email.message.Message:
+def _build(message: EmailMessage, policy: email.policy.Policy) -> email.message.Message:
+    """``message.message()``, with ``policy`` on Django 6 (which builds with it)."""
     build: Any = message.message
     if _MODERN_MESSAGE:
-        return cast(email.message.Message, build(policy=_SMTP_POLICY))
+        return cast(email.message.Message, build(policy=policy))
     return cast(email.message.Message, build())
 
 
@@ -296,7 +351,7 @@ class _Plan:
     def serialize(self) -> list[bytes] | None:
         """The message's parts, or None when the light message does not reproduce the
         original exactly (then the caller serializes it whole)."""
-        mime = _build(self.light)
+        mime = _build(self.light, _SMTP_POLICY)
         for payload in self.payloads:
             payload.part = _find_part(mime, payload.marker)
             if payload.part is None:
@@ -333,28 +388,18 @@ class _Plan:
         return parts
 
 
-_BUILDERS: Final = (
-    "message",
-    "_create_message",
-    "_create_alternatives",
-    "_create_attachments",
-    "_create_attachment",
-    "_create_mime_attachment",
-    "_add_bodies",
-    "_add_attachments",
-    "_add_attachment",
-)
-"""The methods that build the MIME tree from the payloads (Django 5.2 and 6)."""
-
-
 def _builds_like_django(message: EmailMessage) -> bool:
     """Whether the message's class builds its MIME tree with Django's own code.  A class
     that overrides that may use a payload for more than its part (a header holding a
-    hash of the body, a DKIM signature...), which a sample would falsify."""
+    hash of the body, a DKIM signature...), which a sample would falsify.  False for
+    every message when Django's builder methods are not the ones checked."""
+    builders = INTERNALS.builders
+    if builders is None:
+        return False
     cls = type(message)
     return all(
         getattr(getattr(cls, name, None), "__module__", _DJANGO_MAIL) == _DJANGO_MAIL
-        for name in _BUILDERS
+        for name in builders
     )
 
 
@@ -392,10 +437,9 @@ def _find_part(mime: email.message.Message, marker: str) -> email.message.Messag
 # -- encoders: the stdlib's own, slice by slice -------------------------------------------
 
 _Encoder = Callable[[_Payload], Iterator[bytes]]
-_encode_text: Callable[..., tuple[str, str]] | None = getattr(
-    email.contentmanager, "_encode_text", None
-)
-"""The stdlib function ``set_content()`` encodes text with (Django 6's path)."""
+
+
+_TEXT_ENCODINGS: Final = frozenset({"7bit", "8bit", "quoted-printable", "base64"})
 
 
 def _encoder(payload: _Payload) -> _Encoder | None:
@@ -408,7 +452,12 @@ def _encoder(payload: _Payload) -> _Encoder | None:
             return None
         return _base64_lines
     if _MODERN_MESSAGE:
-        if _encode_text is None or cte not in {"7bit", "8bit", "quoted-printable", "base64"}:
+        if INTERNALS.encode_text is None or cte not in {
+            "7bit",
+            "8bit",
+            "quoted-printable",
+            "base64",
+        }:
             return None
         return _text_base64 if cte == "base64" else _text_modern
     charset = part.get_charset()
@@ -450,12 +499,13 @@ def _base64_lines(payload: _Payload) -> Iterator[bytes]:
 
 def _text_modern(payload: _Payload) -> Iterator[bytes]:
     """Text as ``set_content()`` encodes it in 7bit, 8bit or quoted-printable (Django 6)."""
-    assert _encode_text is not None
+    encode_text = INTERNALS.encode_text
+    assert encode_text is not None
     assert payload.part is not None
     cte = str(payload.part["Content-Transfer-Encoding"]).lower()
     policy = payload.part.policy
     for piece in _line_slices(cast(str, payload.content), SLICE_CHARS):
-        yield _crlf(_encode_text(piece, payload.charset, cte, policy)[1])
+        yield _crlf(encode_text(piece, payload.charset, cte, policy)[1])
 
 
 def _text_base64(payload: _Payload) -> Iterator[bytes]:
@@ -488,3 +538,122 @@ def _text_compat(payload: _Payload) -> Iterator[bytes]:
             yield _crlf(charset.body_encode(encoded) or "")
         else:
             yield _crlf(encoded.decode("ascii", "surrogateescape"))
+
+
+# -- the private internals relied on, probed once ------------------------------------------
+
+_DJANGO_METHODS: Final = (
+    # Django 5.2
+    frozenset(
+        {
+            "message",
+            "_create_message",
+            "_create_alternatives",
+            "_create_attachments",
+            "_create_attachment",
+            "_create_mime_attachment",
+            "_set_list_header_if_not_empty",
+        }
+    ),
+    # Django 6.0 and 6.1
+    frozenset(
+        {
+            "message",
+            "_add_bodies",
+            "_add_attachments",
+            "_add_attachment",
+            "_idna_encode_address_header_domains",
+            "_set_list_header_if_not_empty",
+        }
+    ),
+)
+"""``message()`` and the private methods of Django's ``EmailMessage`` and
+``EmailMultiAlternatives`` in the Django versions checked: what builds the MIME tree."""
+
+
+@dataclass(frozen=True, slots=True)
+class Internals:
+    """The private standard-library and Django internals this module relies on, as
+    :func:`probe_internals` found them.  One that is missing or not as checked turns off
+    what relies on it: those messages take Django's whole path instead."""
+
+    encode_text: Callable[[str, str, str, email.policy.Policy], tuple[str, str]] | None
+    """``email.contentmanager._encode_text(string, charset, cte, policy) -> (cte, data)``,
+    with which ``set_content()`` (Django 6's path) encodes text.  None: on Django 6 no
+    text payload is streamed."""
+    header_classes: bool
+    """Whether :class:`_HeaderClasses` (which reads the undocumented ``registry`` and
+    ``default_class`` of ``email.headerregistry.HeaderRegistry``) makes the same header
+    classes as the stock registry.  False: messages are built with the stock
+    ``email.policy.SMTP``, as Django's backend does."""
+    builders: frozenset[str] | None
+    """The names of Django's methods that build the MIME tree; a message whose class
+    overrides one is serialized whole.  None when Django's classes have a private method
+    not in a checked list, or lack one of it: then no message is streamed."""
+
+
+def probe_internals() -> Internals:
+    """Find the internals :class:`Internals` lists, each checked against the public
+    behaviour that uses it.  Run once, at import (:data:`INTERNALS`).
+
+    Checked on CPython 3.10.13 and 3.11.7 with Django 5.2.19, 3.12.1 with Django 6.0.10 and
+    3.13.0 with Django 6.1.3: there every internal is found and used.  On any other
+    version, whatever does not pass these checks is simply not used.
+    """
+    return Internals(_probe_encode_text(), _probe_header_classes(), _probe_builders())
+
+
+def _probe_encode_text() -> Callable[[str, str, str, email.policy.Policy], tuple[str, str]] | None:
+    found = getattr(email.contentmanager, "_encode_text", None)
+    if not callable(found):
+        return None
+    policy = email.policy.SMTP
+    samples = (("7bit", "a.\n"), ("8bit", "é\n"), ("quoted-printable", "é=\n"), ("base64", "é\n"))
+    try:
+        for cte, text in samples:
+            part = email.message.EmailMessage(policy=policy)
+            part.set_content(text, charset="utf-8", cte=cte)
+            body = part.as_bytes().partition(b"\r\n\r\n")[2]
+            got_cte, data = found(text, "utf-8", cte, policy)
+            if got_cte != cte or _crlf(data) != body:
+                return None
+    except Exception:  # any failure means: not the function checked
+        return None
+    return cast(Callable[[str, str, str, email.policy.Policy], tuple[str, str]], found)
+
+
+def _probe_header_classes() -> bool:
+    try:
+        ours, stock = _HeaderClasses(), email.headerregistry.HeaderRegistry()
+        for name in ("subject", "to", "message-id", "content-type", "x-anything"):
+            made = ours[name]
+            if ours[name] is not made or made.__bases__ != stock[name].__bases__:
+                return False
+    except Exception:  # any failure means: not the registry checked
+        return False
+    return True
+
+
+def _probe_builders() -> frozenset[str] | None:
+    from django.core.mail import message as django_message
+
+    found = frozenset(
+        name
+        for cls in (django_message.EmailMessage, django_message.EmailMultiAlternatives)
+        for name, value in vars(cls).items()
+        if callable(value)
+        and (name == "message" or (name.startswith("_") and not name.startswith("__")))
+    )
+    return found if found in _DJANGO_METHODS else None
+
+
+INTERNALS: Final = probe_internals()
+"""The internals found at import."""
+
+_SMTP_POLICY: Final = (
+    email.policy.SMTP.clone(header_factory=_HeaderClasses())
+    if INTERNALS.header_classes
+    else email.policy.SMTP
+)
+"""Django's SMTP backend serializes with ``email.policy.SMTP``: the same, with
+:class:`_HeaderClasses` when it passed its probe."""

@@ -33,16 +33,20 @@ that draws its boundaries differently from ``serialize()``.
 
 from __future__ import annotations
 
+import email.contentmanager
+import email.headerregistry
 import email.message
 import email.policy
 import functools
 import hashlib
+import importlib
 import operator
 import random
 import string
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from email.mime.text import MIMEText
+from types import ModuleType
 from typing import Any, cast
 
 import django
@@ -52,6 +56,7 @@ from django.test import override_settings
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from django_socketmail import serializer as serializer_module
 from django_socketmail.serializer import serialize, serialize_parts
 
 HEADERS = {"Date": "Tue, 01 Jul 2025 12:00:00 +0000", "Message-ID": "<x@example.test>"}
@@ -734,3 +739,196 @@ def messages(draw: st.DrawFn) -> EmailMessage:
 @given(messages(), st.sampled_from([0, 1, 64]), st.integers(0, 2**32))
 def test_any_message(message: EmailMessage, threshold: int, seed: int) -> None:
     check(message, thresholds=(threshold,), seed=seed)
+
+
+# -- private internals: a Python or Django where they differ --------------------------------
+#
+# The serializer leans on internals of the standard library and of Django.  Each test below
+# makes a coherent "other version" (one whose own public paths still work, so Django's
+# bytes are still the reference), imports the serializer again as a new process would, and
+# checks that every message still serializes to Django's bytes, with no error at send time.
+
+DRIFT_MESSAGES: dict[str, Callable[[], EmailMessage]] = {
+    "8bit body": lambda: make(BODIES["big-non-ascii"]()),
+    "quoted-printable body": lambda: make(BODIES["big-long-lines"]()),
+    "ascii body with a long line": lambda: make(BODIES["big-ascii"]() + "x" * 100 + "\n"),
+    "html alternative and attachment": lambda: make(
+        BODIES["big-non-ascii"](),
+        alternatives=[("<p>" + BODIES["big-ascii"]() + "</p>", "text/html")],
+        attachments=[("a.bin", random_bytes(200_000, 3), "application/pdf")],
+    ),
+}
+
+
+@pytest.fixture
+def drift() -> Iterator[pytest.MonkeyPatch]:
+    """Alter internals with the MonkeyPatch it yields; afterwards everything is restored and
+    the serializer imported again as it was."""
+    with pytest.MonkeyPatch.context() as patch:
+        yield patch
+    importlib.reload(serializer_module)
+
+
+def reimported() -> ModuleType:
+    """The serializer imported again, probing the internals as a new process would."""
+    return importlib.reload(serializer_module)
+
+
+def assert_djangos_bytes(module: ModuleType) -> None:
+    """Every drift message, streamed or not, is Django's own bytes."""
+    for name, build in DRIFT_MESSAGES.items():
+        message = build()
+        random.seed(SEED)
+        expected = reference(message)
+        random.seed(SEED)
+        assert module.serialize(message) == expected, name
+        for threshold in (0, 1000):
+            random.seed(SEED)
+            joined = b"".join(module.serialize_parts(message, lazy_threshold=threshold))
+            assert joined == expected, f"{name}, {threshold}: " + first_difference(joined, expected)
+
+
+def future_set_content(patch: pytest.MonkeyPatch, encode_text: Any) -> None:
+    """A standard library whose ``_encode_text`` is ``encode_text`` (or gone, for None),
+    while ``set_content()`` (Django 6's path) still works as today's."""
+    stock_handler = email.contentmanager.raw_data_manager.set_handlers[str]
+    stock_encode = email.contentmanager._encode_text  # type: ignore[attr-defined]
+
+    def set_text_content(msg: Any, string: str, *args: Any, **kwargs: Any) -> Any:
+        with pytest.MonkeyPatch.context() as inner:
+            inner.setattr(email.contentmanager, "_encode_text", stock_encode, raising=False)
+            return stock_handler(msg, string, *args, **kwargs)
+
+    patch.setitem(email.contentmanager.raw_data_manager.set_handlers, str, set_text_content)
+    if encode_text is None:
+        patch.delattr(email.contentmanager, "_encode_text")
+    else:
+        patch.setattr(email.contentmanager, "_encode_text", encode_text)
+
+
+def test_the_internals_are_found_on_the_versions_checked() -> None:
+    internals = serializer_module.INTERNALS
+    assert internals.builders, "Django's builder methods are the ones checked"
+    assert internals.header_classes
+    assert internals.encode_text is email.contentmanager._encode_text  # type: ignore[attr-defined]
+
+
+def test_encode_text_missing(drift: pytest.MonkeyPatch) -> None:
+    future_set_content(drift, None)
+    module = reimported()
+    assert_djangos_bytes(module)
+    assert module.INTERNALS.encode_text is None
+
+
+def test_encode_text_with_another_signature(drift: pytest.MonkeyPatch) -> None:
+    stock = email.contentmanager._encode_text  # type: ignore[attr-defined]
+
+    def encode_text(string: str, charset: str, cte: str, policy: Any, linesep: str) -> Any:
+        return stock(string, charset, cte, policy)
+
+    future_set_content(drift, encode_text)
+    module = reimported()
+    assert_djangos_bytes(module)
+    assert module.INTERNALS.encode_text is None
+
+
+def test_encode_text_returning_something_else(drift: pytest.MonkeyPatch) -> None:
+    stock = email.contentmanager._encode_text  # type: ignore[attr-defined]
+    future_set_content(drift, lambda *args: stock(*args)[1])  # the data only
+    module = reimported()
+    assert_djangos_bytes(module)
+    assert module.INTERNALS.encode_text is None
+
+
+def test_encode_text_changed_after_the_probe(drift: pytest.MonkeyPatch) -> None:
+    # The probe passed, the call fails at send time: Django's whole path, no TypeError.
+    def encode_text(string: str, charset: str) -> Any:
+        raise AssertionError("not called with this signature")
+
+    internals = serializer_module.INTERNALS
+    drift.setattr(
+        serializer_module,
+        "INTERNALS",
+        type(internals)(encode_text, internals.header_classes, internals.builders),
+    )
+    assert_djangos_bytes(serializer_module)
+
+
+def future_header_registry(patch: pytest.MonkeyPatch) -> None:
+    """A standard library whose HeaderRegistry keeps its map under another name (and no
+    ``registry`` attribute), its own instances working as today's."""
+    stock_init = email.headerregistry.HeaderRegistry.__init__
+    stock_getitem = email.headerregistry.HeaderRegistry.__getitem__
+
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        stock_init(self, *args, **kwargs)
+        self._kinds = self.__dict__.pop("registry")
+
+    def __getitem__(self: Any, name: str) -> type:
+        if "_kinds" not in self.__dict__:  # made before the patch (email.policy's)
+            return stock_getitem(self, name)
+        with pytest.MonkeyPatch.context() as inner:
+            inner.setattr(self, "registry", self._kinds, raising=False)
+            return stock_getitem(self, name)
+
+    patch.setattr(email.headerregistry.HeaderRegistry, "__init__", __init__)
+    patch.setattr(email.headerregistry.HeaderRegistry, "__getitem__", __getitem__)
+
+
+def test_header_registry_without_its_registry(drift: pytest.MonkeyPatch) -> None:
+    future_header_registry(drift)
+    module = reimported()
+    assert_djangos_bytes(module)
+    assert module.INTERNALS.header_classes is False
+
+
+def test_header_registry_changed_after_the_probe(drift: pytest.MonkeyPatch) -> None:
+    factory = serializer_module._SMTP_POLICY.header_factory
+    drift.delattr(factory, "registry")
+    assert_djangos_bytes(serializer_module)
+
+
+def test_a_builder_of_another_django(drift: pytest.MonkeyPatch) -> None:
+    """A Django whose message() calls a private method this module does not know: a
+    subclass may override it to compute a header from the body (a signature), which a
+    streamed sample would falsify.  Not streamed, so the digest is the real body's."""
+    stock_message = EmailMessage.message
+
+    def message(self: Any, *args: Any, **kwargs: Any) -> Any:
+        mime = stock_message(self, *args, **kwargs)
+        self._finish(mime)
+        return mime
+
+    def _finish(self: Any, mime: Any) -> None:
+        pass
+
+    for function in (message, _finish):
+        function.__module__ = "django.core.mail.message"
+        drift.setattr(EmailMessage, function.__name__, function, raising=False)
+    module = reimported()
+
+    class Signed(EmailMessage):
+        def _finish(self, mime: Any) -> None:
+            mime["X-Body-Digest"] = hashlib.sha256(self.body.encode()).hexdigest()
+
+    body = BODIES["big-ascii"]()
+    signed = Signed("s", body, "a@example.com", ["b@example.com"], headers=HEADERS)
+    random.seed(SEED)
+    expected = reference(signed)
+    assert hashlib.sha256(body.encode()).hexdigest().encode() in expected
+    random.seed(SEED)
+    assert b"".join(module.serialize_parts(signed, lazy_threshold=0)) == expected
+    assert_djangos_bytes(module)
+    assert module.INTERNALS.builders is None
+
+
+def test_a_builder_missing(drift: pytest.MonkeyPatch) -> None:
+    name = "_add_attachment" if django.VERSION >= (6, 0) else "_create_attachment"
+    drift.delattr(EmailMessage, name)  # renamed, in a Django this module does not know
+    module = reimported()
+    assert module.INTERNALS.builders is None
+    message = make(BODIES["big-non-ascii"]())
+    random.seed(SEED)
+    expected = reference(message)
+    random.seed(SEED)
+    assert b"".join(module.serialize_parts(message, lazy_threshold=0)) == expected
