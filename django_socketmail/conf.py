@@ -85,12 +85,19 @@ OPTIONS: Final[dict[str, Option]] = {
     "auth_mechanisms": Option(
         "list[str]",
         list(DEFAULT_PREFERENCE),
-        "SASL mechanisms to use, in order of preference (CRAM-MD5, PLAIN, LOGIN).",
+        "SASL mechanisms to use, in order of preference (SCRAM, CRAM-MD5, PLAIN, LOGIN, "
+        "then XOAUTH2/OAUTHBEARER, which go first with a token_provider).",
     ),
     "allow_cleartext_auth": Option(
         "bool",
         False,
         "Allow PLAIN/LOGIN (password sent as is) without TLS.",
+    ),
+    "token_provider": Option(
+        "callable | str | None",
+        None,
+        "OAuth 2.0 token provider (or its dotted path) for XOAUTH2/OAUTHBEARER: "
+        "provider(username, force_refresh=False) -> token or (token, expires_at).",
     ),
     "ssl_cafile": Option("str | None", None, "CA bundle to verify the server with (PEM)."),
     "ssl_verify": Option("bool", True, "Verify the server certificate and host name."),
@@ -123,6 +130,12 @@ OPTIONS: Final[dict[str, Option]] = {
     "queue_max_age": Option("float", 172800.0, "Seconds before a deferred message fails."),
     "queue_resend_unknown": Option(
         "bool", False, "Send again a message whose final reply was lost (same Message-ID)."
+    ),
+    "max_connections": Option(
+        "int | None", None, "Queued delivery: sessions open at once, across every worker."
+    ),
+    "rate_limit": Option(
+        "str | None", None, "Queued delivery: messages per period across every worker: '30/min'."
     ),
 }
 
@@ -220,6 +233,8 @@ class BackendOptions:
     queue_max_attempts: int
     queue_max_age: float
     queue_resend_unknown: bool
+    max_connections: int | None
+    rate_limit: tuple[int, float] | None
 
     def client_config(self) -> ClientConfig:
         """The SMTP client's configuration for these options."""
@@ -351,6 +366,20 @@ def _default_port(use_tls: bool, use_ssl: bool, *, legacy: bool) -> int:
     return 25 if legacy or not use_tls else 587
 
 
+_PERIODS: Final = {"s": 1.0, "sec": 1.0, "min": 60.0, "h": 3600.0, "hour": 3600.0, "day": 86400.0}
+
+
+def parse_rate(value: Any) -> tuple[int, float]:
+    """``"30/min"`` as ``(30, 60.0)``: messages per period in seconds (s, min, h, day)."""
+    text = _string(value).strip().lower()
+    count, _, period = text.partition("/")
+    if not count.isdigit() or int(count) <= 0 or period not in _PERIODS:
+        raise ValueError(
+            f"expected messages per period such as '30/min' (s, min, h, day), got {value!r}"
+        )
+    return int(count), _PERIODS[period]
+
+
 def _string(value: Any) -> str:
     if not isinstance(value, str):
         raise TypeError(f"expected a string, got {type(value).__name__} {value!r}")
@@ -403,6 +432,22 @@ def _mechanisms(value: Any) -> tuple[str, ...]:
     return names
 
 
+def _token_provider(value: Any) -> Callable[..., Any] | None:
+    """A callable, or the dotted path of one (imported now), or None."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        from django.utils.module_loading import import_string
+
+        try:
+            value = import_string(value)
+        except ImportError as error:
+            raise ValueError(f"cannot import the token provider {value!r}: {error}") from None
+    if not callable(value):
+        raise TypeError(f"expected a callable or its dotted path, got {type(value).__name__}")
+    return cast(Callable[..., Any], value)
+
+
 def _positive(value: Any, unit: str, *, whole: bool = False) -> float:
     kinds = (int,) if whole else (int, float)
     if isinstance(value, bool) or not isinstance(value, kinds) or value <= 0:
@@ -437,6 +482,7 @@ _VALIDATORS: Final[dict[str, Callable[[Any], Any]]] = {
     "fail_silently": _boolean,
     "auth_mechanisms": _mechanisms,
     "allow_cleartext_auth": _boolean,
+    "token_provider": _token_provider,
     "ssl_cafile": _optional_string,
     "ssl_verify": _boolean,
     "local_hostname": _optional_string,
@@ -455,4 +501,8 @@ _VALIDATORS: Final[dict[str, Callable[[Any], Any]]] = {
     "queue_max_attempts": lambda v: int(_positive(v, "attempts", whole=True)),
     "queue_max_age": lambda v: _positive(v, "seconds"),
     "queue_resend_unknown": _boolean,
+    "max_connections": lambda v: (
+        None if v is None else int(_positive(v, "connections", whole=True))
+    ),
+    "rate_limit": lambda v: None if v is None else parse_rate(v),
 }

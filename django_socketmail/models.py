@@ -23,10 +23,24 @@ from django.db import models
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
-from .outbox import OutboxContent, OutboxMessage  # the queue's tables, same app
+from .outbox import (  # the queue's tables, same app
+    MailerSlot,
+    MailerState,
+    OutboxContent,
+    OutboxMessage,
+)
 from .smtp.result import RecipientStatus, SendStatus
 
-__all__ = ["MessageLog", "OutboxContent", "OutboxMessage", "RecipientLog", "SessionLog", "storable"]
+__all__ = [
+    "MailerSlot",
+    "MailerState",
+    "MessageLog",
+    "OutboxContent",
+    "OutboxMessage",
+    "RecipientLog",
+    "SessionLog",
+    "storable",
+]
 
 
 class SessionOutcome(models.TextChoices):

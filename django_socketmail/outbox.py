@@ -2,7 +2,10 @@
 
 :class:`OutboxMessage` holds the envelope, the state and the last reply, and is what the
 admin lists; the exact bytes to send live apart in :class:`OutboxContent`, so that large
-bodies never weigh on those lists.  Rows are written by :mod:`.queue` only.
+bodies never weigh on those lists.  :class:`MailerState` (one row per mailer: its pace and
+its pause after a throttle reply) and :class:`MailerSlot` (one row per allowed connection)
+hold the limits that every worker process, on every machine, shares through the database.
+Rows are written by :mod:`.queue` only.
 """
 
 from __future__ import annotations
@@ -13,7 +16,15 @@ from django.db import models
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
-__all__ = ["DUE", "TERMINAL", "OutboxContent", "OutboxMessage", "OutboxStatus"]
+__all__ = [
+    "DUE",
+    "TERMINAL",
+    "MailerSlot",
+    "MailerState",
+    "OutboxContent",
+    "OutboxMessage",
+    "OutboxStatus",
+]
 
 
 class OutboxStatus(models.TextChoices):
@@ -121,3 +132,39 @@ class OutboxContent(models.Model):
 
     def __str__(self) -> str:
         return f"content of queued message #{self.pk}"
+
+
+class MailerState(models.Model):
+    """What all workers of one mailer share: when the next message may go (``rate_limit``)
+    and until when the server asked us to slow down (a throttle reply)."""
+
+    mailer = models.CharField(_("mailer"), max_length=100, primary_key=True)
+    next_send = models.DateTimeField(_("next message allowed at"), null=True, blank=True)
+    paused_until = models.DateTimeField(_("paused until"), null=True, blank=True)
+    throttles = models.PositiveIntegerField(_("throttle replies in a row"), default=0)
+    last_throttle_reply = models.TextField(_("last throttle reply"), blank=True)
+
+    class Meta:
+        verbose_name = _("mailer state")
+
+    def __str__(self) -> str:
+        return self.mailer or "(default)"
+
+
+class MailerSlot(models.Model):
+    """One of a mailer's ``max_connections``: held by one worker (under a lease) while it
+    has a session open."""
+
+    mailer = models.CharField(_("mailer"), max_length=100)
+    number = models.PositiveSmallIntegerField(_("slot"))
+    holder = models.CharField(_("held by"), max_length=64, blank=True)
+    expires = models.DateTimeField(_("lease expires"), null=True, blank=True)
+
+    class Meta:
+        verbose_name = _("connection slot")
+        constraints: ClassVar[list[models.BaseConstraint]] = [
+            models.UniqueConstraint(fields=["mailer", "number"], name="socketmail_slot_unique")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.mailer or '(default)'} #{self.number}"

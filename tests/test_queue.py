@@ -20,8 +20,9 @@ from django.utils import timezone
 
 from django_socketmail.email_backend import EmailBackend
 from django_socketmail.outbox import OutboxContent, OutboxMessage, OutboxStatus
-from django_socketmail.queue import LEASE, Worker, deliver, recover
+from django_socketmail.queue import LEASE, deliver, recover
 from django_socketmail.smtp import SendResult, SendStatus
+from django_socketmail.worker import Worker
 
 from .hostile.server import HostileSMTPServer, close, cycle, reply, standard_session
 
@@ -109,7 +110,7 @@ def test_a_5xx_is_never_retried() -> None:
 
 
 def test_a_4xx_is_deferred_with_backoff_then_sent() -> None:
-    later = {"RCPT": reply(450, "4.2.1 mailbox busy")}
+    later = {"RCPT": reply(451, "4.3.0 local problem, try later")}
     with (
         HostileSMTPServer([standard_session(later), standard_session()]) as server,
         mailer_at(server),
@@ -117,7 +118,7 @@ def test_a_4xx_is_deferred_with_backoff_then_sent() -> None:
         before = timezone.now()
         queued().send_messages([message()])
         (row,) = rows()
-        assert (row.status, row.attempts, row.last_reply_code) == ("deferred", 1, 450)
+        assert (row.status, row.attempts, row.last_reply_code) == ("deferred", 1, 451)
         assert before + timedelta(seconds=29) < row.next_attempt < before + timedelta(seconds=91)
         assert deliver.call("") == {}  # not due yet
         OutboxMessage.objects.update(next_attempt=timezone.now())
@@ -301,3 +302,67 @@ def test_the_outbox_admin_lists_retries_and_cancels(client: Any) -> None:
         ("queued", "<b>keep</b>"),
         ("cancelled", "drop"),
     ]
+
+
+@pytest.mark.parametrize(
+    "throttle",
+    ["432 4.3.2 STOREDRV.ClientSubmit; sender thread limit exceeded", "450 4.2.1 rate limited"],
+)
+def test_a_throttle_reply_pauses_the_whole_mailer(throttle: str) -> None:
+    from django_socketmail.outbox import MailerState
+
+    code, text = throttle.split(" ", 1)
+    slow_down = {
+        "MAIL": cycle(reply(250, "2.1.0 Ok"), reply(int(code), text), reply(int(code), text))
+    }
+    with HostileSMTPServer([standard_session(slow_down)]) as server, mailer_at(server):
+        with override_settings(SOCKETMAIL={"task_backend": "dummy"}):
+            queued().send_messages([message("one"), message("two"), message("three")])
+        before = timezone.now()
+        assert Worker("").run() == {"sent": 1, "deferred": 2}
+        state = MailerState.objects.get()
+        assert state.throttles == 2 and state.last_throttle_reply.startswith(code)
+        assert state.paused_until is not None  # 60 s, then doubled by the second
+        assert (
+            before + timedelta(seconds=119) < state.paused_until < before + timedelta(seconds=130)
+        )
+        OutboxMessage.objects.update(next_attempt=timezone.now())
+        assert Worker("").run() == {}  # paused: nothing claimed, however due
+        MailerState.objects.update(paused_until=timezone.now())
+        assert Worker("").run() == {"sent": 1, "deferred": 1}
+        assert MailerState.objects.get().throttles == 1  # the success started the count again
+
+
+def test_max_connections_is_shared_by_every_worker() -> None:
+    from django_socketmail.limits import Limits
+
+    def limits(token: str) -> Limits:
+        return Limits("", token, max_connections=2, rate=None, lease=LEASE)
+
+    first, second, third = limits("a"), limits("b"), limits("c")
+    assert first.acquire_slot() and second.acquire_slot()
+    assert not third.acquire_slot()
+    with HostileSMTPServer([standard_session()]) as server, mailer_at(server, max_connections=2):
+        with override_settings(SOCKETMAIL={"task_backend": "dummy", "max_connections": 2}):
+            queued().send_messages([message()])
+        assert Worker("").run() == {}  # both slots held elsewhere: nothing sent
+        first.release_slot()
+        assert Worker("").run() == {"sent": 1}
+    assert third.acquire_slot()  # the worker gave its slot back
+
+
+def test_rate_limit_paces_every_worker_evenly() -> None:
+    from django_socketmail.limits import Limits
+
+    limits = [Limits("", t, max_connections=None, rate=(600, 60.0), lease=LEASE) for t in "ab"]
+    granted = []
+    started = timezone.now()
+    while (timezone.now() - started).total_seconds() < 1.0:
+        for worker in limits:
+            turns, wait = worker.take(100)
+            granted.append((timezone.now(), turns))
+            if not turns:
+                assert 0 < wait <= 1.0
+    total = sum(turns for _, turns in granted)
+    assert 10 <= total <= 20  # 10/s: one second's worth at once, then paced
+    assert max(turns for _, turns in granted) == 10

@@ -21,7 +21,8 @@ from django.utils import timezone
 
 from django_socketmail.email_backend import EmailBackend
 from django_socketmail.outbox import OutboxMessage
-from django_socketmail.queue import LEASE, Worker, recover
+from django_socketmail.queue import LEASE, recover
+from django_socketmail.worker import Worker
 
 from .hostile.server import HostileSMTPServer, read_data, reply, sleep, standard_session
 from .pg import ALIAS, PostgresServer
@@ -47,7 +48,7 @@ def worker_process(server: PostgresServer, smtp_port: int) -> subprocess.Popen[b
     }
     code = (
         "import django; django.setup(); "
-        "from django_socketmail.queue import Worker; Worker('').run()"
+        "from django_socketmail.worker import Worker; Worker('').run()"
     )
     return subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env)
 

@@ -32,7 +32,8 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
-        from django_socketmail.queue import Worker, recover
+        from django_socketmail.queue import recover
+        from django_socketmail.worker import Worker
 
         mailer = options["mailer"]
         if options["recover"]:

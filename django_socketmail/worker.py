@@ -1,0 +1,304 @@
+"""One run of the delivery task for one mailer: claim, send, record (see :mod:`.queue`)."""
+
+from __future__ import annotations
+
+import logging
+import random
+import secrets
+import time
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, Final
+
+from django.db import connections, router, transaction
+from django.db.models import F
+from django.utils import timezone
+
+from . import signals
+from .limits import Limits, is_throttle
+from .outbox import DUE, OutboxContent, OutboxMessage, OutboxStatus
+from .queue import LEASE, delivery_from_json, enqueue, recover, sending_backend
+from .smtp import SendResult, SendStatus, SocketMailError
+from .smtp.engine import Write
+from .smtp.errors import ReplyError
+
+if TYPE_CHECKING:
+    from .conf import BackendOptions
+    from .email_backend import EmailBackend
+
+__all__ = ["BATCH", "RUN_BUDGET", "Worker"]
+
+logger = logging.getLogger("django_socketmail")
+
+BATCH: Final = 100
+"""Messages claimed and pipelined at once."""
+RUN_BUDGET: Final = 60.0
+"""Seconds one task run keeps claiming new batches (it finishes the batch in hand)."""
+BACKOFF_BASE: Final = 60.0
+BACKOFF_MAX: Final = 3600.0
+RETRY_SOON: Final = 5.0
+"""Seconds before the next run when every connection slot was held by other workers."""
+
+
+class Worker:
+    """One run of :func:`deliver` for one mailer."""
+
+    def __init__(self, mailer: str) -> None:
+        self.mailer = mailer
+        self.alias = router.db_for_write(OutboxMessage)
+        self.token = secrets.token_hex(16)
+        self.counts: dict[str, int] = {}
+        self.options: BackendOptions | None = None
+        self.limits: Limits | None = None
+        self._renew_at = 0.0
+        self._next_run: Any = None
+
+    def run(self) -> dict[str, int]:
+        """Recover expired leases, then claim and send due messages for up to
+        :data:`RUN_BUDGET` seconds, within the mailer's shared limits."""
+        recover(self.mailer)
+        backend = sending_backend(self.mailer)
+        options = self.options = backend.options
+        limits = self.limits = Limits(
+            self.mailer,
+            self.token,
+            max_connections=options.max_connections,
+            rate=options.rate_limit,
+            lease=LEASE,
+        )
+        if not limits.acquire_slot():
+            self._next_run = timezone.now() + timedelta(seconds=RETRY_SOON)
+            self._schedule_next(backend)
+            return self.counts
+        deadline = time.monotonic() + RUN_BUDGET
+        try:
+            while time.monotonic() < deadline:
+                paused = limits.paused_until()
+                if paused is not None:
+                    self._next_run = paused
+                    break
+                turns, wait = limits.take(BATCH)
+                if not turns:
+                    if time.monotonic() + wait >= deadline:
+                        self._next_run = timezone.now() + timedelta(seconds=wait)
+                        break
+                    time.sleep(wait)
+                    continue
+                rows = self.claim(turns)
+                if not rows:
+                    break
+                self.send(backend, rows)
+        finally:
+            backend.close()
+            limits.release_slot()
+        self._schedule_next(backend)
+        return self.counts
+
+    def claim(self, count: int) -> list[OutboxMessage]:
+        now = timezone.now()
+        objects = OutboxMessage.objects.using(self.alias)
+        due = objects.filter(mailer=self.mailer, status__in=DUE, next_attempt__lte=now)
+        due = due.order_by("next_attempt", "pk")
+        with transaction.atomic(using=self.alias):
+            if connections[self.alias].features.has_select_for_update_skip_locked:
+                due = due.select_for_update(skip_locked=True)
+            ids = list(due.values_list("pk", flat=True)[:count])
+            objects.filter(pk__in=ids, status__in=DUE).update(
+                status=OutboxStatus.SENDING,
+                lease_owner=self.token,
+                lease_expires=now + LEASE,
+                attempts=F("attempts") + 1,
+                last_attempt=now,
+                content_may_have_left=False,
+            )
+        self._renew_at = time.monotonic() + LEASE.total_seconds() / 3
+        return list(
+            objects.filter(lease_owner=self.token, status=OutboxStatus.SENDING).order_by("pk")
+        )
+
+    def send(self, backend: EmailBackend, rows: list[OutboxMessage]) -> None:
+        if backend.open() is None or backend.session is None:
+            error = backend.last_session.error if backend.last_session else None
+            for row in rows:
+                self._finish(row, None, error or SocketMailError("could not connect"))
+            return
+        session = backend.session
+        contents = {
+            c.pk: bytes(c.data)
+            for c in OutboxContent.objects.using(self.alias).filter(pk__in=[r.pk for r in rows])
+        }
+        prepared = []
+        for row in rows:
+            try:
+                signals.pre_send.send(sender=OutboxMessage, outbox=row)
+            except signals.CancelSend:
+                self._cancel(row)
+                continue
+            tx = session.client.prepare(
+                row.sender, row.recipients, contents[row.pk], delivery_from_json(row.delivery)
+            )
+            if tx.result.error is not None:
+                self._finish(row, tx.result, tx.result.error)
+                continue
+            prepared.append((row, tx))
+        by_result = {id(tx.result): row.pk for row, tx in prepared}
+        session.client.before_write = lambda write: self._before_write(write, by_result)
+        try:
+            batch = session.send([tx for _, tx in prepared], stop_on_error=False)
+        finally:
+            session.client.before_write = None
+        unattempted = {id(tx.result) for tx in batch.unattempted}
+        for row, tx in prepared:
+            if id(tx.result) in unattempted:
+                self._release(row)
+                continue
+            shim: Any = _Subject(row.subject)
+            session.recorder.message_finished(shim, tx.result, [contents[row.pk]])
+            self._finish(row, tx.result, tx.result.error)
+        session.recorder.flush()
+
+    def _before_write(self, write: Write, by_result: dict[int, int]) -> None:
+        """Before bytes go out: record that these messages' content may leave (committed
+        first), and renew the lease when a third of it has passed."""
+        ids = [by_result[id(r)] for r in write.content if id(r) in by_result]
+        objects = OutboxMessage.objects.using(self.alias).filter(lease_owner=self.token)
+        if ids:
+            objects.filter(pk__in=ids).update(content_may_have_left=True)
+        if time.monotonic() >= self._renew_at:
+            objects.filter(status=OutboxStatus.SENDING).update(lease_expires=timezone.now() + LEASE)
+            if self.limits is not None:
+                self.limits.renew()
+            self._renew_at = time.monotonic() + LEASE.total_seconds() / 3
+
+    def _cancel(self, row: OutboxMessage) -> None:
+        OutboxMessage.objects.using(self.alias).filter(pk=row.pk, lease_owner=self.token).update(
+            status=OutboxStatus.CANCELLED,
+            lease_owner="",
+            lease_expires=None,
+            last_error="cancelled by a pre_send receiver",
+        )
+        self._count(OutboxStatus.CANCELLED)
+
+    def _release(self, row: OutboxMessage) -> None:
+        OutboxMessage.objects.using(self.alias).filter(pk=row.pk, lease_owner=self.token).update(
+            status=OutboxStatus.QUEUED,
+            lease_owner="",
+            lease_expires=None,
+            content_may_have_left=False,
+            attempts=F("attempts") - 1,
+        )
+        self._count(OutboxStatus.QUEUED)
+
+    def _finish(
+        self, row: OutboxMessage, result: SendResult | None, error: BaseException | None
+    ) -> None:
+        now = timezone.now()
+        status, retry = _verdict(result, error)
+        options = self.options
+        assert options is not None, "run() first"
+        values: dict[str, Any] = {"lease_owner": "", "lease_expires": None}
+        if status == OutboxStatus.UNKNOWN and options.queue_resend_unknown:
+            status, retry = OutboxStatus.DEFERRED, True
+        if retry:
+            too_old = now - row.created > timedelta(seconds=options.queue_max_age)
+            if row.attempts >= options.queue_max_attempts or too_old:
+                status = OutboxStatus.FAILED
+            else:
+                delay = min(BACKOFF_MAX, BACKOFF_BASE * 2 ** max(0, row.attempts - 1))
+                values["next_attempt"] = now + timedelta(seconds=delay * random.uniform(0.5, 1.5))
+        final = result.final_reply if result is not None else None
+        reply = final or _reply_of(error)
+        if self.limits is not None:
+            if is_throttle(reply):
+                self.limits.throttled(reply)
+            elif status in (OutboxStatus.SENT, OutboxStatus.PARTIAL):
+                self.limits.relieved()
+        values.update(
+            status=status,
+            last_reply_code=reply.code if reply else None,
+            last_reply=reply.text if reply else "",
+            last_error=str(error) if error is not None else "",
+            queue_id=(result.queue_id or "") if result is not None else "",
+        )
+        OutboxMessage.objects.using(self.alias).filter(pk=row.pk, lease_owner=self.token).update(
+            **values
+        )
+        self._count(status)
+        if status in (OutboxStatus.SENT, OutboxStatus.PARTIAL):
+            signal = signals.message_sent
+        elif status == OutboxStatus.DEFERRED:
+            signal = signals.message_deferred
+        else:
+            signal = signals.message_failed
+        if signal.has_listeners(OutboxMessage):
+            row.refresh_from_db(using=self.alias)
+            for _receiver, failure in signal.send_robust(
+                sender=OutboxMessage, outbox=row, result=result
+            ):
+                if isinstance(failure, Exception):
+                    logger.error("django-socketmail: a %s receiver failed: %r", status, failure)
+
+    def _count(self, status: str) -> None:
+        self.counts[str(status)] = self.counts.get(str(status), 0) + 1
+
+    def _schedule_next(self, backend: EmailBackend) -> None:
+        """Enqueue the next run: now if messages are due, else for the earliest retry (or
+        the end of a pause, a wait for a turn or a slot), when the Tasks backend can defer."""
+        upcoming = (
+            OutboxMessage.objects.using(self.alias)
+            .filter(mailer=self.mailer, status__in=DUE)
+            .order_by("next_attempt")
+            .values_list("next_attempt", flat=True)
+            .first()
+        )
+        if upcoming is None:
+            return
+        if self._next_run is not None:
+            upcoming = max(upcoming, self._next_run)
+        tasks_alias = backend.options.task_backend
+        if upcoming <= timezone.now():
+            enqueue(self.mailer, tasks_alias)
+        elif _can_defer(tasks_alias):
+            enqueue(self.mailer, tasks_alias, at=upcoming)
+
+
+class _Subject:
+    """What the audit recorder reads of a message it has only the bytes of."""
+
+    def __init__(self, subject: str) -> None:
+        self.subject = subject
+
+
+def _verdict(result: SendResult | None, error: BaseException | None) -> tuple[str, bool]:
+    """The row's new status, and whether it is a retry (4xx or network)."""
+    status = result.status if result is not None else SendStatus.FAILED
+    if status is SendStatus.SENT:
+        return OutboxStatus.SENT, False
+    if status is SendStatus.PARTIAL:
+        return OutboxStatus.PARTIAL, False
+    if status is SendStatus.UNKNOWN:
+        return OutboxStatus.UNKNOWN, False
+    transient = getattr(error, "is_transient", None)
+    if transient is None:
+        transient = isinstance(error, (ConnectionError, TimeoutError))
+    if transient:
+        return OutboxStatus.DEFERRED, True
+    if status is SendStatus.REFUSED:
+        return OutboxStatus.REFUSED, False
+    return OutboxStatus.FAILED, False
+
+
+def _reply_of(error: BaseException | None) -> Any:
+    if isinstance(error, ReplyError):
+        return error.reply
+    replies = getattr(error, "replies", None)
+    if replies:
+        return next(iter(replies.values()))
+    return None
+
+
+def _can_defer(tasks_alias: str) -> bool:
+    try:
+        from django.tasks import task_backends
+    except ImportError:
+        from django_tasks import task_backends  # type: ignore[assignment]
+    return bool(getattr(task_backends[tasks_alias], "supports_defer", False))
