@@ -569,3 +569,324 @@ def test_an_echoed_token_is_redacted(session: Start) -> None:
         str(info.value),
         repr(info.value.args),
     )
+
+
+# -- the option -----------------------------------------------------------------------------
+
+
+def module_provider(username: str, force_refresh: bool = False) -> str:
+    """A provider importable by dotted path."""
+    return "module-token"
+
+
+def test_token_provider_option_takes_a_callable_or_its_dotted_path() -> None:
+    from django.core.exceptions import ImproperlyConfigured
+
+    from django_socketmail.conf import resolve_options
+    from django_socketmail.email_backend import EmailBackend
+
+    source = "MAILERS['ms365']['OPTIONS']"
+    for value in (module_provider, "tests.test_oauth.module_provider", None):
+        resolve_options({"token_provider": value}, from_mailers=True, source=source)
+    EmailBackend(token_provider="tests.test_oauth.module_provider").close()
+    with pytest.raises(ImproperlyConfigured, match=r"\['token_provider'\]: cannot import"):
+        resolve_options({"token_provider": "tests.nowhere.f"}, from_mailers=True, source=source)
+    with pytest.raises(ImproperlyConfigured, match="expected a callable or its dotted path"):
+        resolve_options({"token_provider": 42}, from_mailers=True, source=source)
+
+
+# -- ready providers (the oauth extra) against a local token endpoint -----------------------
+
+
+class TokenEndpoint:
+    """A local HTTPS server that answers like Microsoft Entra's (OpenID discovery, the v2.0
+    token endpoint: client credentials and refresh tokens, rotated) and Google's (refresh
+    token, and a service account's signed JWT, checked with its public key)."""
+
+    CLIENT = ("app-id", "app-secret")
+
+    def __init__(self, cert: trustme.LeafCert, google_key: Any) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.requests: list[tuple[str, dict[str, str]]] = []
+        self.issued: list[str] = []
+        self.refresh_tokens = {"rt-1"}
+        self.google_key = google_key
+        endpoint = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                endpoint.answer(self, "GET", {})
+
+            def do_POST(self) -> None:
+                from urllib.parse import parse_qsl
+
+                length = int(self.headers.get("Content-Length") or 0)
+                form = dict(parse_qsl(self.rfile.read(length).decode()))
+                endpoint.answer(self, "POST", form)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        cert.configure_cert(context)
+        self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+        self.base = f"https://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join()
+
+    def _issue(self, prefix: str) -> str:
+        token = f"{prefix}-{len(self.issued) + 1}"
+        self.issued.append(token)
+        return token
+
+    def answer(self, handler: Any, method: str, form: dict[str, str]) -> None:
+        path = handler.path.split("?")[0]
+        self.requests.append((path, form))
+        status, body = self._route(method, path, form)
+        data = json.dumps(body).encode()
+        handler.send_response(status)
+        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Content-Length", str(len(data)))
+        handler.end_headers()
+        handler.wfile.write(data)
+
+    def _route(self, method: str, path: str, form: dict[str, str]) -> tuple[int, Any]:
+        parts = path.strip("/").split("/")
+        if method == "GET" and path.endswith("/v2.0/.well-known/openid-configuration"):
+            tenant = f"{self.base}/{parts[0]}"
+            return 200, {
+                "token_endpoint": f"{tenant}/oauth2/v2.0/token",
+                "authorization_endpoint": f"{tenant}/oauth2/v2.0/authorize",
+                "issuer": f"{tenant}/v2.0",
+            }
+        if method == "POST" and path.endswith("/oauth2/v2.0/token"):
+            return self._entra(form)
+        if method == "POST" and path == "/google/token":
+            return self._google(form)
+        return 404, {"error": "not_found"}
+
+    def _entra(self, form: dict[str, str]) -> tuple[int, Any]:
+        grant = form.get("grant_type")
+        if grant == "client_credentials":
+            if (form.get("client_id"), form.get("client_secret")) != self.CLIENT:
+                return 401, {
+                    "error": "invalid_client",
+                    "error_description": "AADSTS7000215: Invalid client secret provided.\r\n"
+                    "Trace ID: 0000",
+                }
+            assert form.get("scope") == "https://outlook.office365.com/.default"
+            return 200, {
+                "token_type": "Bearer",
+                "expires_in": 3599,
+                "access_token": self._issue("ms"),
+            }
+        if grant == "refresh_token":
+            if form.get("refresh_token") not in self.refresh_tokens:
+                return 400, {
+                    "error": "invalid_grant",
+                    "error_description": "AADSTS70008: The refresh token has expired.",
+                }
+            self.refresh_tokens = {f"rt-{len(self.issued) + 2}"}
+            return 200, {
+                "token_type": "Bearer",
+                "expires_in": 3599,
+                "scope": "https://outlook.office.com/SMTP.Send",
+                "access_token": self._issue("msd"),
+                "refresh_token": next(iter(self.refresh_tokens)),
+            }
+        return 400, {"error": "unsupported_grant_type"}
+
+    def _google(self, form: dict[str, str]) -> tuple[int, Any]:
+        grant = form.get("grant_type")
+        if grant == "refresh_token":
+            if form.get("refresh_token") != "g-refresh" or form.get("client_secret") != "g-secret":
+                return 400, {
+                    "error": "invalid_grant",
+                    "error_description": "Token has been expired or revoked.",
+                }
+            return 200, {
+                "access_token": self._issue("ya29.g"),
+                "expires_in": 3599,
+                "token_type": "Bearer",
+            }
+        if grant == "urn:ietf:params:oauth:grant-type:jwt-bearer":
+            claims = self._verified_jwt(form["assertion"])
+            assert claims["scope"] == "https://mail.google.com/"
+            assert claims["aud"] == "https://oauth2.googleapis.com/token"  # as Google wants
+            return 200, {
+                "access_token": self._issue(f"ya29.sa.{claims['sub']}"),
+                "expires_in": 3599,
+            }
+        return 400, {"error": "unsupported_grant_type"}
+
+    def _verified_jwt(self, assertion: str) -> dict[str, Any]:
+        header, payload, signature = assertion.split(".")
+
+        def unb64(part: str) -> bytes:
+            return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
+
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.asymmetric import padding
+
+        self.google_key.public_key().verify(
+            unb64(signature), f"{header}.{payload}".encode(), padding.PKCS1v15(), hashes.SHA256()
+        )
+        return dict(json.loads(unb64(payload)))
+
+
+@pytest.fixture(scope="module")
+def google_key() -> Any:
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+@pytest.fixture
+def endpoint(
+    ca: trustme.CA, google_key: Any, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[TokenEndpoint]:
+    # requests lets these override a session's own CA bundle (``verify=``).
+    monkeypatch.delenv("REQUESTS_CA_BUNDLE", raising=False)
+    monkeypatch.delenv("CURL_CA_BUNDLE", raising=False)
+    server = TokenEndpoint(ca.issue_cert("127.0.0.1"), google_key)
+    yield server
+    server.close()
+
+
+def test_microsoft_client_credentials_through_msal(endpoint: TokenEndpoint, ca_file: str) -> None:
+    from django_socketmail.oauth_providers import microsoft
+
+    provider = microsoft.client_credentials(
+        tenant_id="contoso-tenant",
+        client_id="app-id",
+        client_secret="app-secret",
+        authority=f"{endpoint.base}/contoso-tenant",
+        validate_authority=False,
+        instance_discovery=False,
+        verify=ca_file,
+    )
+    token, expires_at = provider(USER)
+    assert token == "ms-1" and 3500 < expires_at - time.time() <= 3600
+    assert provider(USER)[0] == "ms-1"  # MSAL's own cache
+    assert provider(USER, force_refresh=True)[0] == "ms-2"
+    posts = [form for path, form in endpoint.requests if form]
+    assert [form["grant_type"] for form in posts] == ["client_credentials"] * 2
+
+
+def test_microsoft_wrong_secret_is_entras_error_without_the_secret(
+    endpoint: TokenEndpoint, ca_file: str
+) -> None:
+    from django_socketmail.oauth_providers import microsoft
+
+    provider = microsoft.client_credentials(
+        tenant_id="t",
+        client_id="app-id",
+        client_secret="not-the-secret",
+        authority=f"{endpoint.base}/t",
+        validate_authority=False,
+        instance_discovery=False,
+        verify=ca_file,
+    )
+    with pytest.raises(TokenProviderError) as info:
+        TokenCache(provider).token(USER, timeout=10)
+    assert str(info.value) == (
+        "Microsoft identity platform: invalid_client: "
+        "AADSTS7000215: Invalid client secret provided."
+    )
+    assert "not-the-secret" not in str(info.value)
+
+
+def test_microsoft_refresh_token_rotates(endpoint: TokenEndpoint, ca_file: str) -> None:
+    from django_socketmail.oauth_providers import microsoft
+
+    provider = microsoft.refresh_token(
+        client_id="public-app",
+        refresh_token="rt-1",
+        authority=f"{endpoint.base}/organizations",
+        validate_authority=False,
+        instance_discovery=False,
+        verify=ca_file,
+    )
+    assert provider(USER)[0] == "msd-1"
+    assert provider(USER)[0] == "msd-2"  # the rotated refresh token was used
+    sent = [form["refresh_token"] for _, form in endpoint.requests if form]
+    assert sent == ["rt-1", "rt-2"]
+
+
+def test_google_refresh_token_and_service_account(
+    endpoint: TokenEndpoint, google_key: Any, ca_file: str
+) -> None:
+    import requests
+    from cryptography.hazmat.primitives import serialization
+    from google.auth.transport.requests import Request
+
+    from django_socketmail.oauth_providers import google
+
+    session = requests.Session()
+    session.verify = ca_file
+    request = Request(session)
+    provider = google.refresh_token(
+        client_id="g-client",
+        client_secret="g-secret",
+        refresh_token="g-refresh",
+        token_uri=f"{endpoint.base}/google/token",
+        request=request,
+    )
+    token, expiry = provider(USER)
+    assert token == "ya29.g-1" and expiry is not None and expiry.tzinfo is not None
+    cache = TokenCache(provider)
+    assert cache.token(USER, timeout=10).reveal() == "ya29.g-2"
+    pem = google_key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ).decode()
+    info = {
+        "type": "service_account",
+        "client_email": "mailer@project.iam.gserviceaccount.com",
+        "private_key": pem,
+        "private_key_id": "k1",
+        "token_uri": f"{endpoint.base}/google/token",
+    }
+    delegated = google.service_account(info=info, request=request)
+    assert delegated("alice@example.com")[0] == "ya29.sa.alice@example.com-3"
+    bad = google.refresh_token(
+        client_id="g-client",
+        client_secret="wrong",
+        refresh_token="g-refresh",
+        token_uri=f"{endpoint.base}/google/token",
+        request=request,
+    )
+    with pytest.raises(TokenProviderError, match="invalid_grant") as error:
+        bad(USER)
+    assert "wrong" not in str(error.value)
+
+
+def test_microsoft_token_through_an_m365_shaped_session(
+    endpoint: TokenEndpoint, ca_file: str, session: Start
+) -> None:
+    """The whole path: MSAL gets a token from the (local) token endpoint, the cache keeps
+    it, XOAUTH2 carries it, and the server accepts exactly what the endpoint issued."""
+    from django_socketmail.oauth_providers import microsoft
+
+    provider = microsoft.client_credentials(
+        tenant_id="t",
+        client_id="app-id",
+        client_secret="app-secret",
+        authority=f"{endpoint.base}/t",
+        validate_authority=False,
+        instance_discovery=False,
+        verify=ca_file,
+    )
+    server, client = session(None, valid=frozenset({"ms-1"}), token_provider=TokenCache(provider))
+    client.connect()
+    client.quit()
+    assert server.tokens_seen == ["ms-1"]  # type: ignore[attr-defined]
+    assert _auths(server) == [b"XOAUTH2"]
