@@ -32,11 +32,12 @@ Guarantees:
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import random
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from datetime import timezone as dt_timezone
@@ -226,8 +227,9 @@ class AuditRecorder:
         pauses = iter(LOCKED_RETRY_PAUSES if retry else ())
         while True:
             try:
-                with _busy_timeout(alias, deadline):
-                    self._write_rows(alias, deadline)
+                connection = connections[alias]
+                with _busy_timeout(connection, deadline):
+                    self._write_rows(alias, connection, deadline)
                 return
             except OperationalError as error:
                 pause = next(pauses, None)
@@ -236,15 +238,14 @@ class AuditRecorder:
                     raise
                 time.sleep(min(left, pause * random.uniform(0.5, 1.5)))
 
-    def _write_rows(self, alias: str, deadline: float) -> None:
+    def _write_rows(self, alias: str, connection: Any, deadline: float) -> None:
         from .models import MessageLog, RecipientLog, SessionLog
 
         with transaction.atomic(using=alias):
-            _bound_lock_waits(alias, deadline)
+            _bound_lock_waits(connection, deadline)
             session = self._save_session(SessionLog, alias)
             if not self._messages:
                 return
-            connection = connections[alias]
             created: Any = MessageLog._meta.get_field("created")
             rows = [
                 self._message_row(
@@ -421,29 +422,35 @@ def _insert_many(
 
 
 @contextlib.contextmanager
-def _busy_timeout(alias: str, deadline: float) -> Iterator[None]:
+def _busy_timeout(connection: Any, deadline: float) -> Iterator[None]:
     """On SQLite, wait for another writer's lock at most until ``deadline``, then put the
     connection's own busy timeout back.  Other databases: nothing to do."""
-    connection = connections[alias]
     if connection.vendor != "sqlite":
         yield
         return
-    connection.ensure_connection()
+    if connection.connection is None:
+        connection.ensure_connection()
     raw = connection.connection
-    (configured,) = raw.execute("PRAGMA busy_timeout").fetchone()
-    left_ms = max(0, int((deadline - time.monotonic()) * 1000))
-    raw.execute(f"PRAGMA busy_timeout = {min(left_ms, int(configured))}")
+    # The connection's own timeout (its OPTIONS, or a PRAGMA of the project's), read once.
+    known = getattr(connection, "_socketmail_busy_timeout", None)
+    if known is not None and known[0] is raw:
+        configured: int = known[1]
+    else:
+        configured = int(raw.execute("PRAGMA busy_timeout").fetchone()[0])
+        connection._socketmail_busy_timeout = (raw, configured)
+    # Rounded down to 50 ms: the same few statements, which sqlite3 keeps prepared.
+    left_ms = max(0, int((deadline - time.monotonic()) * 20) * 50)
+    raw.execute(f"PRAGMA busy_timeout = {min(left_ms, configured)}")
     try:
         yield
     finally:
         if connection.connection is raw:
-            raw.execute(f"PRAGMA busy_timeout = {int(configured)}")
+            raw.execute(f"PRAGMA busy_timeout = {configured}")
 
 
-def _bound_lock_waits(alias: str, deadline: float) -> None:
+def _bound_lock_waits(connection: Any, deadline: float) -> None:
     """On PostgreSQL, within the current transaction, wait for each lock (a table locked by a
     migration or a maintenance job) at most until ``deadline``.  Other databases: nothing."""
-    connection = connections[alias]
     if connection.vendor != "postgresql":
         return
     left_ms = max(1, int((deadline - time.monotonic()) * 1000))
@@ -466,9 +473,14 @@ def _close_clone(clone: Any) -> None:
 def _text(model: Any, name: str, value: Any) -> str:
     """``value`` made storable in the column ``name`` of ``model``: every text value the
     recorder writes goes through here (see :func:`.models.storable`)."""
+    return _column(model, name)(value)
+
+
+@functools.cache
+def _column(model: Any, name: str) -> Callable[[Any], str]:
     from .models import storable
 
-    return storable(value, model._meta.get_field(name))
+    return functools.partial(storable, field=model._meta.get_field(name))
 
 
 def _wall_clock(timestamp: float) -> datetime:
