@@ -131,6 +131,12 @@ OPTIONS: Final[dict[str, Option]] = {
     "queue_resend_unknown": Option(
         "bool", False, "Send again a message whose final reply was lost (same Message-ID)."
     ),
+    "max_connections": Option(
+        "int | None", None, "Queued delivery: sessions open at once, across every worker."
+    ),
+    "rate_limit": Option(
+        "str | None", None, "Queued delivery: messages per period across every worker: '30/min'."
+    ),
 }
 
 DJANGO_OPTIONS: Final = frozenset(name for name, o in OPTIONS.items() if o.django_setting) | {
@@ -227,6 +233,8 @@ class BackendOptions:
     queue_max_attempts: int
     queue_max_age: float
     queue_resend_unknown: bool
+    max_connections: int | None
+    rate_limit: tuple[int, float] | None
 
     def client_config(self) -> ClientConfig:
         """The SMTP client's configuration for these options."""
@@ -358,6 +366,20 @@ def _default_port(use_tls: bool, use_ssl: bool, *, legacy: bool) -> int:
     return 25 if legacy or not use_tls else 587
 
 
+_PERIODS: Final = {"s": 1.0, "sec": 1.0, "min": 60.0, "h": 3600.0, "hour": 3600.0, "day": 86400.0}
+
+
+def parse_rate(value: Any) -> tuple[int, float]:
+    """``"30/min"`` as ``(30, 60.0)``: messages per period in seconds (s, min, h, day)."""
+    text = _string(value).strip().lower()
+    count, _, period = text.partition("/")
+    if not count.isdigit() or int(count) <= 0 or period not in _PERIODS:
+        raise ValueError(
+            f"expected messages per period such as '30/min' (s, min, h, day), got {value!r}"
+        )
+    return int(count), _PERIODS[period]
+
+
 def _string(value: Any) -> str:
     if not isinstance(value, str):
         raise TypeError(f"expected a string, got {type(value).__name__} {value!r}")
@@ -479,4 +501,8 @@ _VALIDATORS: Final[dict[str, Callable[[Any], Any]]] = {
     "queue_max_attempts": lambda v: int(_positive(v, "attempts", whole=True)),
     "queue_max_age": lambda v: _positive(v, "seconds"),
     "queue_resend_unknown": _boolean,
+    "max_connections": lambda v: (
+        None if v is None else int(_positive(v, "connections", whole=True))
+    ),
+    "rate_limit": lambda v: None if v is None else parse_rate(v),
 }
