@@ -137,6 +137,12 @@ OPTIONS: Final[dict[str, Option]] = {
     "rate_limit": Option(
         "str | None", None, "Queued delivery: messages per period across every worker: '30/min'."
     ),
+    "failover": Option(
+        "list", [], "Queued delivery: mailers to send through while this one's server fails."
+    ),
+    "failover_retry": Option(
+        "float", 60.0, "Seconds a failed server is passed over before it is tried again."
+    ),
 }
 
 DJANGO_OPTIONS: Final = frozenset(name for name, o in OPTIONS.items() if o.django_setting) | {
@@ -235,6 +241,8 @@ class BackendOptions:
     queue_resend_unknown: bool
     max_connections: int | None
     rate_limit: tuple[int, float] | None
+    failover: tuple[str | tuple[tuple[str, Any], ...], ...]
+    failover_retry: float
 
     def client_config(self) -> ClientConfig:
         """The SMTP client's configuration for these options."""
@@ -380,6 +388,21 @@ def parse_rate(value: Any) -> tuple[int, float]:
     return int(count), _PERIODS[period]
 
 
+def _failover(value: Any) -> tuple[str | tuple[tuple[str, Any], ...], ...]:
+    """MAILERS aliases (str) or option dicts over this mailer's own, in order (hashable)."""
+    if isinstance(value, (str, dict)) or not isinstance(value, (list, tuple)):
+        raise TypeError(f"expected a list of MAILERS aliases or option dicts, got {value!r}")
+    entries: list[str | tuple[tuple[str, Any], ...]] = []
+    for entry in value:
+        if isinstance(entry, str) and entry:
+            entries.append(entry)
+        elif isinstance(entry, dict) and set(entry) <= set(OPTIONS):
+            entries.append(tuple(sorted(entry.items())))
+        else:
+            raise ValueError(f"a failover entry is a MAILERS alias or a dict of options: {entry!r}")
+    return tuple(entries)
+
+
 def _string(value: Any) -> str:
     if not isinstance(value, str):
         raise TypeError(f"expected a string, got {type(value).__name__} {value!r}")
@@ -505,4 +528,6 @@ _VALIDATORS: Final[dict[str, Callable[[Any], Any]]] = {
         None if v is None else int(_positive(v, "connections", whole=True))
     ),
     "rate_limit": lambda v: None if v is None else parse_rate(v),
+    "failover": lambda v: _failover(v),
+    "failover_retry": lambda v: _positive(v, "seconds"),
 }

@@ -6,6 +6,8 @@
   :class:`~.outbox.MailerState`, moved forward by a conditional UPDATE, so two workers never
   take the same turn.  A worker takes at most a second's worth of turns at once, and waits
   for the next one otherwise; so no window of time sees more than the rate allows.
+- A server that refuses connections, fails TLS or AUTH, or answers ``421`` is passed over
+  for the mailer's ``failover`` mailers for ``failover_retry`` seconds.
 - Throttle replies (``421``, ``432``, ``454``, ``450 4.2.1``: "slow down" from Microsoft 365,
   Gmail, SES) pause the whole mailer: 60 s, doubling while they repeat (at most 15 min),
   reset by the next success.
@@ -141,6 +143,18 @@ class Limits:
         MailerState.objects.using(self.alias).filter(mailer=self.mailer, throttles__gt=0).update(
             throttles=0
         )
+
+    def down(self, seconds: float) -> None:
+        """The mailer's server failed: pass it over for its failover for ``seconds``."""
+        self._state()
+        MailerState.objects.using(self.alias).filter(mailer=self.mailer).update(
+            down_until=timezone.now() + timedelta(seconds=seconds)
+        )
+
+    def down_until(self) -> datetime | None:
+        """Until when the mailer's server is passed over (None: it is tried)."""
+        until = self._state().down_until
+        return until if until is not None and until > timezone.now() else None
 
     def _state(self) -> MailerState:
         try:

@@ -135,13 +135,17 @@ class OutboxContent(models.Model):
 
 
 class MailerState(models.Model):
-    """What all workers of one mailer share: when the next message may go (``rate_limit``)
-    and until when the server asked us to slow down (a throttle reply)."""
+    """What all workers of one mailer share: when the next message may go (``rate_limit``),
+    until when the server asked us to slow down (a throttle reply), and until when its
+    server is passed over for the ``failover`` mailers."""
 
     mailer = models.CharField(_("mailer"), max_length=100, primary_key=True)
     next_send = models.DateTimeField(_("next message allowed at"), null=True, blank=True)
     paused_until = models.DateTimeField(_("paused until"), null=True, blank=True)
     throttles = models.PositiveIntegerField(_("throttle replies in a row"), default=0)
+    down_until = models.DateTimeField(
+        _("server skipped for its fallbacks until"), null=True, blank=True
+    )
     last_throttle_reply = models.TextField(_("last throttle reply"), blank=True)
 
     class Meta:

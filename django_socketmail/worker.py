@@ -24,6 +24,7 @@ from .smtp.errors import ReplyError
 if TYPE_CHECKING:
     from .conf import BackendOptions
     from .email_backend import EmailBackend
+    from .session import Session
 
 __all__ = ["BATCH", "RUN_BUDGET", "Worker"]
 
@@ -51,6 +52,8 @@ class Worker:
         self.limits: Limits | None = None
         self._renew_at = 0.0
         self._next_run: Any = None
+        self._sending: EmailBackend | None = None
+        self._primary: EmailBackend | None = None
 
     def run(self) -> dict[str, int]:
         """Recover expired leases, then claim and send due messages for up to
@@ -89,6 +92,8 @@ class Worker:
                 self.send(backend, rows)
         finally:
             backend.close()
+            if self._sending is not backend and self._sending is not None:
+                self._sending.close()
             limits.release_slot()
         self._schedule_next(backend)
         return self.counts
@@ -116,12 +121,13 @@ class Worker:
         )
 
     def send(self, backend: EmailBackend, rows: list[OutboxMessage]) -> None:
-        if backend.open() is None or backend.session is None:
+        opened = self._open(backend)
+        if opened is None:
             error = backend.last_session.error if backend.last_session else None
             for row in rows:
                 self._finish(row, None, error or SocketMailError("could not connect"))
             return
-        session = backend.session
+        session = opened
         contents = {
             c.pk: bytes(c.data)
             for c in OutboxContent.objects.using(self.alias).filter(pk__in=[r.pk for r in rows])
@@ -155,6 +161,41 @@ class Worker:
             session.recorder.message_finished(shim, tx.result, [contents[row.pk]])
             self._finish(row, tx.result, tx.result.error)
         session.recorder.flush()
+
+    def _open(self, backend: EmailBackend) -> Session | None:
+        """A session on the mailer's server or, while it fails (refused connection, TLS,
+        AUTH, a 421), on its ``failover`` mailers in order; None when none opens."""
+        limits, options = self.limits, self.options or backend.options
+        failover = options.failover if limits is not None else ()
+        candidates: list[EmailBackend] = []
+        if not (failover and limits is not None and limits.down_until() is not None):
+            candidates.append(backend)
+        candidates += [self._fallback(backend, entry) for entry in failover]
+        for candidate in candidates:
+            if candidate.open() is not None and candidate.session is not None:
+                self._sending, self._primary = candidate, backend
+                return candidate.session
+            error = candidate.last_session.error if candidate.last_session else None
+            if candidate is backend and limits is not None and failover and _server_failed(error):
+                limits.down(options.failover_retry)
+                logger.warning(
+                    "django-socketmail: mailer %r failed (%s); sending through its failover "
+                    "for %s s",
+                    self.mailer,
+                    error,
+                    options.failover_retry,
+                )
+            if candidate is not backend:
+                candidate.close()
+        return None
+
+    def _fallback(self, backend: EmailBackend, entry: Any) -> EmailBackend:
+        if isinstance(entry, str):
+            return sending_backend(entry)
+        from .email_backend import EmailBackend
+
+        given = {name: getattr(backend.options, name) for name in ("host", "port", "username")}
+        return EmailBackend(**(given | dict(entry) | {"queue": False, "fail_silently": True}))
 
     def _before_write(self, write: Write, by_result: dict[int, int]) -> None:
         """Before bytes go out: record that these messages' content may leave (committed
@@ -208,6 +249,8 @@ class Worker:
         final = result.final_reply if result is not None else None
         reply = final or _reply_of(error)
         if self.limits is not None:
+            if reply is not None and reply.code == 421 and self._on_primary():
+                self.limits.down(options.failover_retry)
             if is_throttle(reply):
                 self.limits.throttled(reply)
             elif status in (OutboxStatus.SENT, OutboxStatus.PARTIAL):
@@ -236,6 +279,10 @@ class Worker:
             ):
                 if isinstance(failure, Exception):
                     logger.error("django-socketmail: a %s receiver failed: %r", status, failure)
+
+    def _on_primary(self) -> bool:
+        """Sending through the mailer's own server, which has a failover."""
+        return bool(self.options and self.options.failover) and self._sending is self._primary
 
     def _count(self, status: str) -> None:
         self.counts[str(status)] = self.counts.get(str(status), 0) + 1
@@ -302,3 +349,20 @@ def _can_defer(tasks_alias: str) -> bool:
     except ImportError:
         from django_tasks import task_backends  # type: ignore[assignment]
     return bool(getattr(task_backends[tasks_alias], "supports_defer", False))
+
+
+def _server_failed(error: BaseException | None) -> bool:
+    """A failure of the server rather than of a message: worth its failover."""
+    from .smtp.errors import AuthenticationError, ConnectError, NotSupportedError, TLSError
+
+    return isinstance(
+        error,
+        (
+            ConnectionError,
+            TimeoutError,
+            TLSError,
+            AuthenticationError,
+            ConnectError,
+            NotSupportedError,
+        ),
+    )

@@ -24,7 +24,7 @@ from django_socketmail.queue import LEASE, deliver, recover
 from django_socketmail.smtp import SendResult, SendStatus
 from django_socketmail.worker import Worker
 
-from .hostile.server import HostileSMTPServer, close, cycle, reply, standard_session
+from .hostile.server import HostileSMTPServer, Script, close, cycle, reply, standard_session
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -366,3 +366,38 @@ def test_rate_limit_paces_every_worker_evenly() -> None:
     total = sum(turns for _, turns in granted)
     assert 10 <= total <= 20  # 10/s: one second's worth at once, then paced
     assert max(turns for _, turns in granted) == 10
+
+
+def test_failover_while_the_primary_fails_and_back_after_the_retry_period() -> None:
+    from django_socketmail.outbox import MailerState
+
+    greeting_refused = Script([reply(554, "5.3.2 not today"), close()])
+    with (
+        HostileSMTPServer([greeting_refused, standard_session()]) as primary,
+        HostileSMTPServer([standard_session()]) as backup,
+        mailer_at(primary, failover=[{"host": backup.host, "port": backup.port}]),
+    ):
+        with override_settings(
+            SOCKETMAIL={
+                "task_backend": "dummy",
+                "failover": [{"host": backup.host, "port": backup.port}],
+            }
+        ):
+            queued().send_messages([message("first")])
+        assert Worker("").run() == {"sent": 1}  # through the backup
+        assert primary.wait_closed() and len(primary.connections) == 1
+        down = MailerState.objects.get().down_until
+        assert down is not None and down > timezone.now() + timedelta(seconds=50)
+
+        with override_settings(SOCKETMAIL={"task_backend": "dummy"}):
+            queued().send_messages([message("second")])
+        assert Worker("").run() == {"sent": 1}
+        assert len(primary.connections) == 1  # passed over while it is down
+
+        MailerState.objects.update(down_until=timezone.now())
+        with override_settings(SOCKETMAIL={"task_backend": "dummy"}):
+            queued().send_messages([message("third")])
+        assert Worker("").run() == {"sent": 1}
+        assert primary.wait_closed(count=2)
+    assert len(primary.connections) == 2 and len(primary.connections[1].messages) == 1
+    assert [len(c.messages) for c in backup.connections] == [1, 1]
