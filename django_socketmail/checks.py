@@ -48,6 +48,8 @@ def check_mail_configuration(**kwargs: Any) -> list[checks.CheckMessage]:
         source = f"{where}['OPTIONS']"
         try:
             strings = string_booleans(options or {}, from_mailers=from_mailers, source=source)
+            # A string is the likely cause of E002 ("False" is true): warned first.
+            messages += [_string_boolean(*found) for found in strings]
             resolved = resolve_options(options or {}, from_mailers=from_mailers, source=source)
         except ImproperlyConfigured as error:
             code = "E002" if "mutually exclusive" in str(error) else "E001"
@@ -59,7 +61,6 @@ def check_mail_configuration(**kwargs: Any) -> list[checks.CheckMessage]:
                 )
             )
             continue
-        messages += [_string_boolean(*found) for found in strings]
         messages += _warnings(where, resolved)
     return messages
 

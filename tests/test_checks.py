@@ -56,6 +56,7 @@ def test_mailers_are_checked() -> None:
     assert ids(**mailers(host="h", use_tls=True, ssl_verify=False)) == ["socketmail.W003"]
 
 
+@pytest.mark.django_db(databases=["default", "audit"])  # 6.1: JSONField checks ask the DBs
 def test_manage_check_runs_our_checks() -> None:
     if django.VERSION >= (6, 1):
         broken = mailers(host="h", use_tls=True, use_ssl=True)
@@ -75,6 +76,9 @@ def test_a_string_for_a_boolean_setting_is_a_warning() -> None:
     assert message.hint is not None and "EMAIL_USE_TLS = False" in message.hint
     assert ids(**email(EMAIL_USE_TLS=1)) == []
     assert ids(**email(EMAIL_USE_TLS=True, SOCKETMAIL={"pool": "0"})) == ["socketmail.W005"]
+    # "False" is true, so with use_ssl both are on: the string is named beside the error.
+    both = email(EMAIL_USE_TLS="False", EMAIL_USE_SSL=True)
+    assert ids(**both) == ["socketmail.W005", "socketmail.E002"]
 
 
 @NEEDS_MAILERS
