@@ -322,7 +322,9 @@ _OAUTHBEARER = re.compile(
 )
 
 
-def oauth_auth(valid: set[str], *, error_twice: bool = False, echo: bool = False) -> Any:
+def oauth_auth(
+    valid: set[str], *, error_twice: bool = False, echo: bool = False, hang_up: bool = False
+) -> Any:
     """A rule for AUTH XOAUTH2/OAUTHBEARER that checks the initial response's exact format,
     accepts the tokens in ``valid``, and otherwise answers like Gmail: a 334 error JSON, then
     535 (or, with ``error_twice``, a second 334 error JSON)."""
@@ -345,6 +347,9 @@ def oauth_auth(valid: set[str], *, error_twice: bool = False, echo: bool = False
             return
         token = match.group(match.lastindex or 0).decode()
         conn.server.tokens_seen.append(token)  # type: ignore[attr-defined]
+        if hang_up:
+            conn.close()
+            return
         if token in valid:
             conn.reply(235, "2.7.0 Accepted")
             return
@@ -383,10 +388,11 @@ def session(server_tls: ssl.SSLContext, ca_file: str) -> Iterator[Start]:
         valid: frozenset[str] = frozenset({"good-token"}),
         error_twice: bool = False,
         echo: bool = False,
+        hang_up: bool = False,
         tls: bool = True,
         **config: Any,
     ) -> tuple[HostileSMTPServer, SMTPClient]:
-        rule = oauth_auth(set(valid), error_twice=error_twice, echo=echo)
+        rule = oauth_auth(set(valid), error_twice=error_twice, echo=echo, hang_up=hang_up)
         server = HostileSMTPServer(
             [standard_session({"AUTH": rule}, extensions=extensions)],
             tls_context=server_tls if tls else None,
@@ -890,3 +896,44 @@ def test_microsoft_token_through_an_m365_shaped_session(
     client.quit()
     assert server.tokens_seen == ["ms-1"]  # type: ignore[attr-defined]
     assert _auths(server) == [b"XOAUTH2"]
+
+
+def _connect(client: SMTPClient) -> BaseException:
+    """The error ``client.connect()`` raises, caught here so that the traceback starts in
+    this frame, whose only local is the client (a test's locals would show its tokens)."""
+    try:
+        client.connect()
+    except Exception as error:
+        return error
+    raise AssertionError("connect() succeeded")
+
+
+@pytest.mark.parametrize("debug", [True, False], ids=["DEBUG", "production"])
+@pytest.mark.parametrize("ending", ["refused twice", "hang-up after the token"])
+def test_no_token_in_django_error_reports(session: Start, debug: bool, ending: str) -> None:
+    """Django's technical 500 page and AdminEmailHandler's report, locals included, hold no
+    form of either token (raw, base64, the base64 initial response).  The tokens are random,
+    so the report's source excerpts cannot hold them either."""
+    import secrets
+
+    from django.test import override_settings
+    from django.views.debug import ExceptionReporter
+
+    tokens = [f"report-{secrets.token_hex(8)}" for _ in range(2)]
+    if ending == "refused twice":
+        server, client = session(Provider(list(tokens)), echo=True)
+    else:
+        server, client = session(Provider(list(tokens)), hang_up=True)
+    error = _connect(client)
+    assert server.tokens_seen  # type: ignore[attr-defined]  # a token did cross the wire
+    with override_settings(DEBUG=debug):
+        reporter = ExceptionReporter(None, type(error), error, error.__traceback__)
+        html, text = reporter.get_traceback_html(), reporter.get_traceback_text()
+    assert "Local vars" in html
+    forms = [
+        form
+        for token in tokens
+        for form in _forms(token, f"user={USER}\x01auth=Bearer {token}\x01\x01".encode())
+    ]
+    found = [form for form in forms if form in html or form in text]
+    assert found == []
