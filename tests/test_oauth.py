@@ -937,3 +937,50 @@ def test_no_token_in_django_error_reports(session: Start, debug: bool, ending: s
     ]
     found = [form for form in forms if form in html or form in text]
     assert found == []
+
+
+# -- a command as the provider (sendtestmail --token-command) -------------------------------
+
+
+def test_token_command_prints_the_token_and_sees_the_user_and_refresh(tmp_path: Any) -> None:
+    import sys
+
+    from django_socketmail.oauth_providers.command import command
+
+    script = tmp_path / "token.py"
+    script.write_text(
+        "import os\nprint(f\"cmd-{os.environ['SOCKETMAIL_USER'].split('@')[0]}-"
+        "{os.environ['SOCKETMAIL_FORCE_REFRESH']}\")\n"
+    )
+    provider = command(f"{sys.executable} {script}")
+    assert provider("alice@example.com") == "cmd-alice-0"
+    assert provider("alice@example.com", force_refresh=True) == "cmd-alice-1"
+    assert TokenCache(provider).token("bob", timeout=10).reveal() == "cmd-bob-0"
+
+
+@pytest.mark.parametrize(
+    ("code", "message"),
+    [
+        ("import sys; print('s3cr3t', file=sys.stderr); sys.exit(3)", "exited with status 3"),
+        ("pass", "printed nothing"),
+        ("import time; time.sleep(5)", "did not finish within 0.5 s"),
+    ],
+)
+def test_token_command_failures_are_clear_and_quiet(code: str, message: str) -> None:
+    import sys
+
+    from django_socketmail.oauth_providers.command import command
+
+    provider = command(f"{sys.executable} -c {json.dumps(code)}", timeout=0.5)
+    with pytest.raises(TokenProviderError, match=message) as info:
+        TokenCache(provider).token("u", timeout=10)
+    assert "s3cr3t" not in str(info.value)
+
+
+def test_token_command_not_found_or_empty() -> None:
+    from django_socketmail.oauth_providers.command import command
+
+    with pytest.raises(TokenProviderError, match="was not found"):
+        command("/nonexistent/token-helper --json")("u")
+    with pytest.raises(ValueError, match="empty"):
+        command("  ")
