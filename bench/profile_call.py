@@ -192,6 +192,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calls", type=int, default=300)
     parser.add_argument("--rtt", type=float, default=0.0, help="ms, through bench/proxy.py")
     parser.add_argument("--top", type=int, default=25, help="functions listed per variant")
+    parser.add_argument(
+        "--callees",
+        action="append",
+        default=[],
+        help="also list what functions whose name has this text call (repeatable)",
+    )
+    parser.add_argument("--dump", type=Path, help="write each variant's pstats file here")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="socketmail-profile-") as temp:
         configure_django(Path(temp))
@@ -241,6 +248,11 @@ def report(ready: Ready, endpoint: Endpoint, port: int, args: argparse.Namespace
     print(f"\ntop {args.top} functions by own time:\n")
     stats = pstats.Stats(profile)
     stats.sort_stats("tottime").print_stats(args.top)
+    for text in args.callees:
+        stats.sort_stats("cumulative").print_callees(text)
+    if args.dump:
+        args.dump.mkdir(parents=True, exist_ok=True)
+        stats.dump_stats(args.dump / (ready.label.replace(" ", "_").replace("+", "") + ".pstats"))
 
 
 if __name__ == "__main__":
