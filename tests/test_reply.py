@@ -183,3 +183,12 @@ def test_any_bytes_in_a_reply_line_make_one_inert_line(data: bytes) -> None:
     assert len(str(reply).split("\n")) == 1
     assert len(str(reply).splitlines()) == 1
     assert "\x00" not in reply.text
+
+
+def test_buffered_counts_bytes_received_not_escaped_text() -> None:
+    """An unfinished multi-line reply full of control bytes holds its raw size, not the
+    (four times longer) escaped text: the bound on what a server can make us hold."""
+    parser = ReplyParser()
+    parser.feed(b"250-" + b"\x00" * 30 + b"\r\n")
+    assert parser.next_reply() is None
+    assert parser.buffered == 34

@@ -47,6 +47,8 @@ class ReplyParser:
         self._buffer = bytearray()
         self._code: int | None = None
         self._lines: list[str] = []
+        self._held = 0
+        """Bytes received for the lines of the unfinished reply in ``_lines``."""
         self._max_line_length = max_line_length
         self._max_lines = max_lines
         self._failed: RemoteProtocolError | None = None
@@ -54,7 +56,7 @@ class ReplyParser:
     @property
     def buffered(self) -> int:
         """How many received bytes are not yet part of a complete reply."""
-        return len(self._buffer) + sum(len(line) for line in self._lines)
+        return len(self._buffer) + self._held
 
     def peek(self, count: int) -> bytes:
         """Up to ``count`` leading bytes of what is buffered, left in place."""
@@ -74,6 +76,7 @@ class ReplyParser:
         self._buffer.clear()
         self._code = None
         self._lines.clear()
+        self._held = 0
         return pending
 
     def next_reply(self) -> Reply | None:
@@ -110,10 +113,12 @@ class ReplyParser:
                 )
             self._code = code
             self._lines.append(escape_controls(raw[4:].decode("utf-8", "replace")))
+            self._held += len(raw)
             if match.group(2) != b"-":
                 reply = Reply(code, tuple(self._lines))
                 self._code = None
                 self._lines = []
+                self._held = 0
                 return reply
             if len(self._lines) >= self._max_lines:
                 raise RemoteProtocolError(f"reply longer than {self._max_lines} lines")
