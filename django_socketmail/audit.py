@@ -334,6 +334,7 @@ class AuditRecorder:
             _transient(result),
             _text(model, "transcript", record.transcript),
             _text(model, "body", record.body),
+            result.outbox_id,
         )
 
 
@@ -355,6 +356,7 @@ _MESSAGE_COLUMNS: Final = (
     "transient",
     "transcript",
     "body",
+    "outbox",
 )
 _RECIPIENT_COLUMNS: Final = ("message", "address", "status", "reply_code", "reply")
 

@@ -119,6 +119,16 @@ class MessageLog(models.Model):
     )
     transcript = models.TextField(_("transcript"), blank=True)
     body = models.TextField(_("message (start)"), blank=True)
+    outbox = models.ForeignKey(
+        OutboxMessage,
+        on_delete=models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="logged_attempts",
+        verbose_name=_("queued message"),
+        help_text=_("The outbox row this attempt sent, for queued delivery."),
+        db_constraint=False,  # the audit log may live in another database (audit_database)
+    )
 
     class Meta:
         verbose_name = _("message")

@@ -52,8 +52,9 @@ class OutboxMessageAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
     @admin.display(description="audit rows")
     def audit_rows(self, obj: OutboxMessage) -> str:
         url = reverse("admin:django_socketmail_messagelog_changelist")
-        query = urlencode({"q": obj.message_id})
-        return format_html('<a href="{}?{}">attempts of this message</a>', url, query)
+        query = urlencode({"outbox__id__exact": obj.pk})
+        count = obj.attempts_logged if hasattr(obj, "attempts_logged") else obj.attempts
+        return format_html('<a href="{}?{}">attempts of this message ({})</a>', url, query, count)
 
     @admin.action(description="Retry selected messages now", permissions=["change"])
     def retry_now(self, request: HttpRequest, queryset: QuerySet[OutboxMessage]) -> None:

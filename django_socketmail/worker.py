@@ -157,6 +157,7 @@ class Worker:
             if id(tx.result) in unattempted:
                 self._release(row)
                 continue
+            tx.result.outbox_id = row.pk
             shim: Any = _Subject(row.subject)
             session.recorder.message_finished(shim, tx.result, [contents[row.pk]])
             self._finish(row, tx.result, tx.result.error)

@@ -401,3 +401,17 @@ def test_failover_while_the_primary_fails_and_back_after_the_retry_period() -> N
         assert primary.wait_closed(count=2)
     assert len(primary.connections) == 2 and len(primary.connections[1].messages) == 1
     assert [len(c.messages) for c in backup.connections] == [1, 1]
+
+
+def test_audit_rows_link_to_their_outbox_row() -> None:
+    from django_socketmail.models import MessageLog
+
+    first, then = standard_session({".": reply(451, "4.3.0 try later")}), standard_session()
+    with HostileSMTPServer([first, then]) as server, mailer_at(server, audit_log=True):
+        queued().send_messages([message()])
+        OutboxMessage.objects.update(next_attempt=timezone.now())
+        deliver.call("")
+    (row,) = rows()
+    attempts = list(MessageLog.objects.order_by("pk"))
+    assert [(a.outbox_id, a.status) for a in attempts] == [(row.pk, "failed"), (row.pk, "sent")]
+    assert list(row.logged_attempts.order_by("pk")) == attempts
