@@ -225,9 +225,12 @@ class EmailBackend(BaseEmailBackend):
         ``fail_silently``, the first message that fails raises its error (after its result
         is recorded) and later messages are not started, as in Django's backend; with
         CHUNKING, messages already in flight alongside it are finished and reported
-        truthfully on their results.  Messages that certainly did not reach the server
-        when a connection broke (never started, or no content sent) go on a new
-        connection, each at most :data:`MAX_RETRIES` times.
+        truthfully on their results.  With ``fail_silently``, messages that cannot have
+        reached the server when a connection broke (never started, or an envelope that rode
+        behind a final dot on a server that died of it) go on a new connection, each at
+        most :data:`MAX_RETRIES` times.  With ``queue=True`` the messages are stored for
+        queued delivery instead (see :mod:`django_socketmail.queue`) and the number stored
+        is returned.
         """
         if not email_messages:
             return 0
