@@ -323,11 +323,17 @@ _OAUTHBEARER = re.compile(
 
 
 def oauth_auth(
-    valid: set[str], *, error_twice: bool = False, echo: bool = False, hang_up: bool = False
+    valid: set[str],
+    *,
+    error_twice: bool = False,
+    echo: bool = False,
+    hang_up: bool = False,
+    final: Any = None,
 ) -> Any:
     """A rule for AUTH XOAUTH2/OAUTHBEARER that checks the initial response's exact format,
     accepts the tokens in ``valid``, and otherwise answers like Gmail: a 334 error JSON, then
-    535 (or, with ``error_twice``, a second 334 error JSON)."""
+    535 (or, with ``error_twice``, a second 334 error JSON; with ``final``, that response).
+    Other mechanisms go to the standard ``auth()`` rule."""
 
     def run(conn: Connection, line: bytes) -> None:
         words = line.split()
@@ -359,6 +365,9 @@ def oauth_auth(
             if answer == b"*":
                 conn.reply(501, "5.7.0 Authentication cancelled")
                 return
+        if final is not None:  # a hostile ending instead of the 535 (a Response)
+            conn.run(final, line)
+            return
         quoted = f" {token} {words[2].decode()}" if echo else ""
         conn.reply(535, "5.7.8 Username and Password not accepted" + quoted)
 
