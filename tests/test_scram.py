@@ -499,15 +499,14 @@ def scram_server() -> Iterator[Callable[..., HostileSMTPServer]]:
 
 
 def _backend(server: HostileSMTPServer, **options: Any) -> EmailBackend:
+    defaults: dict[str, Any] = {"timeout": 2, "audit_log": False}
     return EmailBackend(
         host=server.host,
         port=server.port,
         username=USER,
         password=PASSWORD,
-        timeout=2,
-        audit_log=False,
         local_hostname="client.example",
-        **options,
+        **(defaults | options),
     )
 
 
@@ -761,3 +760,46 @@ def test_require_channel_binding_without_plus_offered_changes_nothing() -> None:
     server = ScramServer("sha256", {USER: PASSWORD})
     sent = _drive(opening, conn, out, server, "SCRAM-SHA-256")
     assert sent[1].startswith(b"AUTH SCRAM-SHA-256 ")
+
+
+# -- nothing stored ----------------------------------------------------------------------
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("mechanism", ["SCRAM-SHA-256", "SCRAM-SHA-1"])
+def test_no_scram_secret_in_any_audit_column(
+    scram_server: Callable[..., HostileSMTPServer], mechanism: str
+) -> None:
+    """A send, then a failed one (wrong password, after a server echoing what it got):
+    no form of the password nor of either client-final-message in any text column."""
+    from django.db import models
+
+    from django_socketmail.models import MessageLog, RecipientLog, SessionLog
+
+    from .test_secrets import scram_forms
+
+    server = scram_server()
+    assert _send(_backend(server, auth_mechanisms=[mechanism], audit_log=True)) == 1
+    wrong = EmailBackend(
+        host=server.host, port=server.port, username=USER, password=PASSWORD + "x",
+        timeout=2, auth_mechanisms=[mechanism], fail_silently=True,
+    )  # fmt: skip
+    assert _send(wrong) == 0
+    assert server.wait_closed(count=2)
+    forms = scram_forms(server.commands)
+    assert len(forms) == 6  # two client-final-messages, three forms each
+    for password in (PASSWORD, PASSWORD + "x"):
+        forms += [password, base64.b64encode(password.encode()).decode(), saslprep(password)]
+
+    def text(model: type[models.Model]) -> str:
+        names = [
+            f.name
+            for f in model._meta.get_fields()
+            if isinstance(f, (models.CharField, models.TextField))
+        ]
+        return "\n".join(str(value) for row in model.objects.values_list(*names) for value in row)
+
+    dump = text(SessionLog) + text(MessageLog) + text(RecipientLog)
+    assert SessionLog.objects.filter(auth_mechanism=mechanism).exists()
+    assert "AUTH " + mechanism + " [redacted]" in dump
+    assert [form for form in forms if form in dump] == []
