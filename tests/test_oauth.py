@@ -230,6 +230,28 @@ def test_unusable_answers_are_clear_errors(returned: object, message: str) -> No
         TokenCache(Provider([returned])).token("u", timeout=1)
 
 
+def test_every_waiter_gets_its_own_error_from_one_failed_call() -> None:
+    provider = Provider([TokenProviderError("Microsoft identity platform: invalid_client")])
+    provider.delay = 0.2
+    cache = TokenCache(provider)
+    errors: list[BaseException] = []
+
+    def wait() -> None:
+        try:
+            cache.token("u", timeout=5)
+        except TokenProviderError as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=wait) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(provider.calls) == 1
+    assert [str(e) for e in errors] == ["Microsoft identity platform: invalid_client"] * 3
+    assert len({id(e) for e in errors}) == 3
+
+
 def test_a_provider_that_raises_is_chained_not_quoted() -> None:
     cache = TokenCache(Provider([RuntimeError("AADSTS7000215: client secret s3cr3t-value")]))
     with pytest.raises(TokenProviderError) as info:

@@ -115,7 +115,9 @@ class TokenCache:
                 f"the token provider did not answer within {timeout:g} s (the session's timeout)"
             )
         if isinstance(flight.error, TokenProviderError):
-            raise flight.error  # our own check of what it returned: the text is ours
+            # Its text is ours (a check of what the provider returned, or a ready provider's
+            # safe summary); a new exception per waiter, so no traceback is shared.
+            raise TokenProviderError(str(flight.error)) from flight.error
         if flight.error is not None:
             raise TokenProviderError(
                 f"the token provider failed ({type(flight.error).__name__}; "
