@@ -52,8 +52,9 @@ def _static_files(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
-def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebDriver]:
-    """One headless Chromium for the session, with a fresh profile."""
+def browser(live_server: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebDriver]:
+    """One headless Chromium for the session, with a fresh profile; it quits before the
+    live server stops, so no kept-alive connection is left open on the server."""
     try:
         from selenium import webdriver
         from selenium.webdriver.chrome.service import Service
