@@ -28,6 +28,7 @@ import django
 from django.conf import global_settings, settings
 from django.core.exceptions import ImproperlyConfigured
 
+from .oauth_providers.cache import shared_cache
 from .smtp import DEFAULT_TIMEOUT, ClientConfig, Secret, TLSMode
 from .smtp.sasl import DEFAULT_PREFERENCE, MECHANISMS
 
@@ -92,6 +93,11 @@ OPTIONS: Final[dict[str, Option]] = {
         "bool",
         False,
         "Allow PLAIN/LOGIN (password sent as is) without TLS.",
+    ),
+    "auth_require_channel_binding": Option(
+        "bool",
+        False,
+        "When the server offers SCRAM-SHA-256-PLUS, use nothing without channel binding.",
     ),
     "token_provider": Option(
         "callable | str | None",
@@ -221,6 +227,8 @@ class BackendOptions:
     fail_silently: bool
     auth_mechanisms: tuple[str, ...]
     allow_cleartext_auth: bool
+    auth_require_channel_binding: bool
+    token_provider: Callable[..., Any] | None
     ssl_cafile: str | None
     ssl_verify: bool
     local_hostname: str | None
@@ -261,6 +269,8 @@ class BackendOptions:
             password=Secret(self.password) if self.password else None,
             auth_mechanisms=self.auth_mechanisms,
             allow_cleartext_auth=self.allow_cleartext_auth,
+            auth_require_channel_binding=self.auth_require_channel_binding,
+            token_provider=shared_cache(self.token_provider) if self.token_provider else None,
             local_hostname=self.local_hostname,
             ssl_cafile=self.ssl_cafile,
             ssl_certfile=self.ssl_certfile,
@@ -505,6 +515,7 @@ _VALIDATORS: Final[dict[str, Callable[[Any], Any]]] = {
     "fail_silently": _boolean,
     "auth_mechanisms": _mechanisms,
     "allow_cleartext_auth": _boolean,
+    "auth_require_channel_binding": _boolean,
     "token_provider": _token_provider,
     "ssl_cafile": _optional_string,
     "ssl_verify": _boolean,

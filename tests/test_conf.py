@@ -47,6 +47,7 @@ def test_the_boolean_options_are_known() -> None:
     assert BOOLEANS == [
         "allow_cleartext_auth",
         "audit_log",
+        "auth_require_channel_binding",
         "chunking",
         "fail_silently",
         "pipelining",

@@ -35,6 +35,7 @@ from .hostile.server import (
     sleep,
     standard_session,
 )
+from .test_oauth import oauth_auth
 from .test_scram import ScramServer, scram_auth
 
 USER = "mallory-user"
@@ -48,8 +49,26 @@ FORMS = [
     base64.b64encode(f"{USER} {DIGEST}".encode()).decode(),
 ]
 """Every form of the secret that may cross the wire or sit in memory."""
+TOKEN = "t0ken-for-reports"
+FORMS += [TOKEN, base64.b64encode(TOKEN.encode()).decode()]
 
-MECHANISMS = ["PLAIN", "LOGIN", "CRAM-MD5", "SCRAM-SHA-256", "SCRAM-SHA-1"]
+MECHANISMS = [
+    "PLAIN",
+    "LOGIN",
+    "CRAM-MD5",
+    "SCRAM-SHA-256",
+    "SCRAM-SHA-1",
+    "XOAUTH2",
+    "OAUTHBEARER",
+]
+TOKEN_EXTENSIONS = ("PIPELINING", "ENHANCEDSTATUSCODES", "AUTH XOAUTH2 OAUTHBEARER PLAIN")
+
+
+def token_provider(username: str, force_refresh: bool = False) -> str:
+    """The token provider of the backends below (by dotted path)."""
+    return TOKEN
+
+
 SCRAM_EXTENSIONS = ("PIPELINING", "ENHANCEDSTATUSCODES", "AUTH SCRAM-SHA-256 SCRAM-SHA-1 PLAIN")
 
 
@@ -75,14 +94,31 @@ def echo(mechanism: str) -> Response:
             conn.reply(535, "5.7.8 bad credentials: " + quoted)
 
         return quote
+    if mechanism in ("XOAUTH2", "OAUTHBEARER"):
+
+        def quote_token(conn: Connection, line: bytes) -> None:
+            initial = line.split()[2].decode()
+            conn.reply(535, "5.7.8 bad token: " + " ".join([*FORMS[-2:], initial]))
+
+        return quote_token
     sent = {"PLAIN": [FORMS[2]], "LOGIN": [], "CRAM-MD5": [FORMS[4], DIGEST]}[mechanism]
     return reply(535, "5.7.8 bad credentials: " + " ".join([*FORMS[:2], *sent]))
 
 
-def _wire_forms(server: HostileSMTPServer, scram: bool) -> list[str]:
-    """The random secret forms that crossed the wire (SCRAM: its client-final-message)."""
+def _valid_tokens(end: str) -> set[str]:
+    return {TOKEN} if end == "accepted" else set()
+
+
+def _wire_forms(server: HostileSMTPServer, mechanism: str) -> list[str]:
+    """The secret forms that crossed the wire and are not in FORMS: SCRAM's
+    client-final-message (random), a token mechanism's initial response (it names the
+    server's port)."""
+    if mechanism in ("XOAUTH2", "OAUTHBEARER"):
+        forms = [line.split()[2].decode() for line in server.commands if line.startswith(b"AUTH ")]
+        assert forms and server.tokens_seen  # type: ignore[attr-defined]
+        return forms
     forms = scram_forms(server.commands)
-    assert bool(forms) == scram  # every SCRAM case got as far as the client's proof
+    assert bool(forms) == mechanism.startswith("SCRAM-")  # SCRAM got as far as its proof
     return forms
 
 
@@ -115,13 +151,25 @@ def raised(request: pytest.FixtureRequest) -> Iterator[tuple[BaseException, list
     mechanism, end = request.param
     final, expected = (echo(mechanism), AuthenticationError) if end == "echo" else ending(end)
     scram = mechanism.startswith("SCRAM-")
-    rule = scram_auth(scram_server, final=final) if scram else auth(final)
+    token = mechanism in ("XOAUTH2", "OAUTHBEARER")
+    if token:
+        # No local holding the token: this frame's locals are in the report.
+        rule = oauth_auth(_valid_tokens(end), final=final if end != "535" else None)
+    else:
+        rule = scram_auth(scram_server, final=final) if scram else auth(final)
     rules: dict[str, Response] = {"AUTH": rule}
     if end == "accepted":
         rules["MAIL"] = reply(550, "5.7.1 sender not allowed")
-    extensions = {"extensions": SCRAM_EXTENSIONS} if scram else {}
+    extensions = (
+        {"extensions": SCRAM_EXTENSIONS}
+        if scram
+        else {"extensions": TOKEN_EXTENSIONS}
+        if token
+        else {}
+    )
     server = HostileSMTPServer([standard_session(rules, **extensions)])
     server.scram_servers = []  # type: ignore[attr-defined]
+    server.tokens_seen = []  # type: ignore[attr-defined]
     with server:
         backend = EmailBackend(
             host=server.host,
@@ -131,6 +179,7 @@ def raised(request: pytest.FixtureRequest) -> Iterator[tuple[BaseException, list
             timeout=0.5,
             auth_mechanisms=[mechanism],
             allow_cleartext_auth=True,
+            token_provider="tests.test_secrets.token_provider",
             audit_log=False,
             local_hostname="client.example",
         )
@@ -140,7 +189,7 @@ def raised(request: pytest.FixtureRequest) -> Iterator[tuple[BaseException, list
         backend.close()
         server.wait_closed()
         # No local for the forms: this frame is in the traceback, its locals in the report.
-        yield info.value, _wire_forms(server, scram)
+        yield info.value, _wire_forms(server, mechanism)
 
 
 CASES = [(m, e) for m in MECHANISMS for e in ("accepted", "535", "hang-up", "no-answer", "echo")]

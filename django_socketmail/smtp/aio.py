@@ -375,6 +375,7 @@ class AsyncSMTPClient:
             tls_object.version() if tls_object is not None else None,
             cipher[0] if cipher else None,
             certificate_subject(tls_object.getpeercert() if tls_object is not None else None),
+            tls_object.getpeercert(binary_form=True) if tls_object is not None else None,
         )
 
     async def _local_hostname(self) -> str:

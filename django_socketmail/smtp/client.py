@@ -182,7 +182,10 @@ class SMTPClient:
         quickack(tls)
         cipher = tls.cipher()
         self.engine.tls_established(
-            tls.version(), cipher[0] if cipher else None, certificate_subject(tls.getpeercert())
+            tls.version(),
+            cipher[0] if cipher else None,
+            certificate_subject(tls.getpeercert()),
+            tls.getpeercert(binary_form=True),
         )
 
     def _local_hostname(self) -> str:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from .extensions import Extensions
+from .oauth import TokenSource
 from .reply import Reply
 from .sasl import DEFAULT_PREFERENCE
 from .secret import Secret
@@ -56,6 +57,10 @@ class ClientConfig:
     """Name the certificate must match (and SNI); defaults to ``host``."""
     pipelining: bool = True
     chunking: bool = True
+    auth_require_channel_binding: bool = False
+    """When the server offers a -PLUS mechanism, use nothing else (RFC 5802 channel binding)."""
+    token_provider: TokenSource | None = field(default=None, repr=False)
+    """Where XOAUTH2/OAUTHBEARER get their tokens (a process-wide cache of the provider)."""
 
     def __post_init__(self) -> None:
         password: object = self.password

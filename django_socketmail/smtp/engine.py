@@ -198,7 +198,11 @@ class Engine(Policies):
         self._writing = None
 
     def tls_established(
-        self, version: str | None, cipher: str | None, certificate: str | None
+        self,
+        version: str | None,
+        cipher: str | None,
+        certificate: str | None,
+        der: bytes | None = None,
     ) -> None:
         """The handshake after :data:`START_TLS` (or implicit TLS's, before the greeting)."""
         self.info.tls_version, self.info.tls_cipher = version, cipher
@@ -209,7 +213,7 @@ class Engine(Policies):
         )
         self.conn.tls_established()
         if self._opening is not None:
-            self._opening.tls_established()
+            self._opening.tls_established(der)
 
     def connection_lost(self, error: SocketMailError, *, parts_written: int = 0) -> None:
         """The transport failed or closed; ``parts_written``: how many parts of the write in
