@@ -25,6 +25,8 @@ from .smtp import (
     SMTPTimeoutError,
     TLSError,
 )
+from .smtp.oauth import TokenProviderError
+from .smtp.reply import Reply
 
 __all__ = ["diagnose"]
 
@@ -38,6 +40,8 @@ def diagnose(
     any greeting usually means the server expects implicit TLS.
     """
     where = f"{options.host}:{options.port}"
+    if isinstance(error, TokenProviderError):
+        return f"The OAuth token provider failed: {error} (token_provider, --token-command)."
     if isinstance(error, ConnectionFailedError):
         if error.errno == errno.ECONNREFUSED:
             return f"Nothing accepts connections on {where}: check host and port (--host/--port)."
@@ -88,11 +92,27 @@ def diagnose(
                 f"{where} does not offer STARTTLS: use the submission port (587) for "
                 "--tls, or port 465 with --ssl."
             )
+        if "needs an OAuth 2.0 token" in text:
+            return (
+                "The server accepts only OAuth 2.0 here (XOAUTH2/OAUTHBEARER; Microsoft 365 "
+                "once Basic authentication is off) and no token provider is set: set "
+                "token_provider, or pass --token-command."
+            )
         if "no usable AUTH mechanism" in text:
             return f"{text[0].upper()}{text[1:]}: change --auth (auth_mechanisms)."
         if "SMTPUTF8" in text:
             return f"{text}: use an ASCII address for this server."
         return text
+    if isinstance(error, AuthenticationError) and _basic_auth_off(error.reply):
+        return _BASIC_AUTH_OFF.format(reply=error.reply.one_line())
+    if isinstance(error, AuthenticationError) and "OAuth token was refused" in error.note:
+        return (
+            "The OAuth token was refused, also after a refresh: it is expired or revoked, "
+            "issued for another audience or scope (Microsoft 365: "
+            "https://outlook.office365.com/.default; Gmail: https://mail.google.com/), or "
+            "its app may not send as --user (Microsoft 365: SMTP.SendAsApp and the mailbox "
+            "granted to the app's service principal)."
+        )
     if isinstance(error, AuthenticationError):
         if error.smtp_code == 535:
             return "Wrong user name or password (535): check --user and the password."
@@ -101,6 +121,8 @@ def diagnose(
         return f"Authentication failed: {error}."
     if isinstance(error, ConnectError):
         return f"The server refused the session: {error.reply.one_line()}."
+    if isinstance(error, SenderRefused) and _basic_auth_off(error.reply):
+        return _BASIC_AUTH_OFF.format(reply=error.reply.one_line())
     if isinstance(error, SenderRefused):
         return (
             f"The server refused the sender <{error.sender}> ({error.reply.one_line()}): use "
@@ -119,3 +141,16 @@ def diagnose(
     if isinstance(error, RemoteProtocolError):
         return f"{where} broke the SMTP protocol: {error}."
     return f"{type(error).__name__}: {error}"
+
+
+_BASIC_AUTH_OFF = (
+    "The provider has turned password (Basic) authentication off ({reply}): use OAuth 2.0, "
+    "token_provider (README: 'Microsoft 365 and Gmail (OAuth2)') or --token-command."
+)
+
+
+def _basic_auth_off(reply: Reply) -> bool:
+    """Microsoft 365's refusals of Basic authentication: ``550 5.7.30`` (client submission),
+    ``535 5.7.139`` (SMTP AUTH disabled for the tenant or the mailbox)."""
+    text = reply.text.lower()
+    return reply.enhanced_status in ("5.7.30", "5.7.139") or "basic authentication is" in text

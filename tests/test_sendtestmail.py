@@ -473,3 +473,114 @@ def test_help_documents_the_exit_statuses(settings_dir: Path) -> None:
     text = " ".join(done.stdout.decode().split())
     for status in ("0", "1", "2", str(EXIT_SESSION_FAILED), str(EXIT_USAGE), str(EXIT_SOFTWARE)):
         assert f"{status}:" in text or f"{status} " in text
+
+
+# -- modern authentication (SCRAM, XOAUTH2/OAUTHBEARER, --token-command) --------------------
+
+
+def _token_script(tmp_path: Path, *tokens: str) -> str:
+    """A --token-command printing ``tokens`` in turn (a refresh prints the next one)."""
+    script = tmp_path / "token.py"
+    script.write_text(
+        "import os\n"
+        f"tokens = {list(tokens)!r}\n"
+        "print(tokens[min(int(os.environ['SOCKETMAIL_FORCE_REFRESH']), len(tokens) - 1)])\n"
+    )
+    return f"{sys.executable} {script}"
+
+
+def _tls_args(server: HostileSMTPServer, ca_path: str, *extra: str) -> list[str]:
+    return ["--host", server.host, "--port", str(server.port), "--tls", "--ca-file", ca_path,
+            "--timeout", "3", *extra]  # fmt: skip
+
+
+@pytest.fixture
+def ca_path(ca: Any, tmp_path: Path) -> str:
+    path = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(path))
+    return str(path)
+
+
+def test_xoauth2_with_a_token_command(server_tls: Any, ca_path: str, tmp_path: Path) -> None:
+    from .test_oauth import oauth_auth
+
+    rules = {"AUTH": oauth_auth({"tok-2"})}
+    script = standard_session(rules, extensions=("STARTTLS", "AUTH LOGIN XOAUTH2"))
+    with HostileSMTPServer(script, tls_context=server_tls) as server:
+        server.tokens_seen = []  # type: ignore[attr-defined]
+        command = _token_script(tmp_path, "tok-1", "tok-2")
+        status, out = run(*_tls_args(server, ca_path, "--user", "m@contoso.example",
+                                     "--auth", "XOAUTH2", "--token-command", command),
+                          "to@example.com")  # fmt: skip
+    assert status == 0, out
+    assert server.tokens_seen == ["tok-1", "tok-2"]  # type: ignore[attr-defined]
+    assert "tok-1" not in out and "tok-2" not in out
+    assert "AUTH XOAUTH2 [redacted]" in out
+
+
+def test_only_xoauth2_offered_without_a_token_is_diagnosed(
+    server_tls: Any, ca_path: str, password: str
+) -> None:
+    script = standard_session(extensions=("STARTTLS", "AUTH XOAUTH2"))
+    with HostileSMTPServer(script, tls_context=server_tls) as server:
+        status, out = run(*_tls_args(server, ca_path, "--user", USER), "to@example.com")
+    assert status == 3, out
+    assert "no token provider is set: set token_provider, or pass --token-command" in out
+
+
+@pytest.mark.parametrize(
+    "refusal",
+    [
+        "535 5.7.139 Authentication unsuccessful, basic authentication is disabled.",
+        "550 5.7.30 Basic authentication is not supported for Client Submission.",
+    ],
+)
+def test_basic_auth_disabled_is_diagnosed(
+    server_tls: Any, ca_path: str, password: str, refusal: str
+) -> None:
+    from .hostile.server import auth
+
+    code, text = refusal.split(" ", 1)
+    rules = {"AUTH": auth(reply(int(code), text))}
+    script = standard_session(
+        rules, extensions=("STARTTLS", "ENHANCEDSTATUSCODES", "AUTH LOGIN XOAUTH2")
+    )
+    with HostileSMTPServer(script, tls_context=server_tls) as server:
+        status, out = run(*_tls_args(server, ca_path, "--user", USER), "to@example.com")
+    assert status == 3, out
+    assert "turned password (Basic) authentication off" in out
+
+
+def test_a_token_refused_twice_is_diagnosed(server_tls: Any, ca_path: str, tmp_path: Path) -> None:
+    from .test_oauth import oauth_auth
+
+    script = standard_session({"AUTH": oauth_auth(set())}, extensions=("STARTTLS", "AUTH XOAUTH2"))
+    with HostileSMTPServer(script, tls_context=server_tls) as server:
+        server.tokens_seen = []  # type: ignore[attr-defined]
+        status, out = run(*_tls_args(server, ca_path, "--user", "m@contoso.example",
+                                     "--token-command", _token_script(tmp_path, "old", "new")),
+                          "to@example.com")  # fmt: skip
+    assert status == 3, out
+    assert "The OAuth token was refused, also after a refresh" in out
+    assert server.tokens_seen == ["old", "new"]  # type: ignore[attr-defined]
+
+
+def test_token_command_needs_a_user(tmp_path: Path) -> None:
+    status, out = run("--host", "127.0.0.1", "--token-command", "true", "to@example.com")
+    assert status == 64, out
+    assert "--token-command needs --user" in out
+
+
+def test_scram_sha_256_without_tls(password: str) -> None:
+    from .test_scram import ScramServer, scram_auth
+
+    rules = {"AUTH": scram_auth(lambda: ScramServer("sha256", {USER: PASSWORD}))}
+    with HostileSMTPServer(
+        standard_session(rules, extensions=("AUTH SCRAM-SHA-256 PLAIN",))
+    ) as server:
+        server.scram_servers = []  # type: ignore[attr-defined]
+        status, out = run(*hostile_args(server, "--user", USER, "--auth", "SCRAM-SHA-256"),
+                          "to@example.com")  # fmt: skip
+    assert status == 0, out
+    assert "AUTH SCRAM-SHA-256 [redacted]" in out
+    assert server.scram_servers[0].failure == ""  # type: ignore[attr-defined]

@@ -37,6 +37,7 @@ from django.utils import termcolors
 
 from django_socketmail.diagnosis import diagnose
 from django_socketmail.email_backend import RESULT_ATTRIBUTE, EmailBackend
+from django_socketmail.oauth_providers.command import command as token_command
 from django_socketmail.smtp import (
     DataError,
     InvalidAddressError,
@@ -149,7 +150,15 @@ class Command(BaseCommand):
         security.add_argument("--ssl", action="store_true", help="Implicit TLS (port 465).")
         security.add_argument("--no-tls", action="store_true", help="No TLS at all.")
         parser.add_argument(
-            "--auth", metavar="MECHANISM", help="AUTH mechanism(s), comma-separated."
+            "--auth",
+            metavar="MECHANISM",
+            help="AUTH mechanism(s), comma-separated (SCRAM-SHA-256, XOAUTH2, OAUTHBEARER...).",
+        )
+        parser.add_argument(
+            "--token-command",
+            metavar="CMD",
+            help="Command printing an OAuth 2.0 token for --user (XOAUTH2/OAUTHBEARER), run "
+            "without a shell, like msmtp's passwordeval; replaces the password.",
         )
         parser.add_argument("--timeout", type=_seconds, help="Seconds allowed per reply.")
         parser.add_argument("--ca-file", help="CA bundle (PEM) that signed the certificate.")
@@ -241,7 +250,18 @@ class Command(BaseCommand):
             overrides["auth_mechanisms"] = [m.strip() for m in options["auth"].split(",")]
         if options["user"]:
             overrides["username"] = options["user"]
-            overrides["password"] = self._password(options)
+            if options["token_command"]:
+                try:
+                    overrides["token_provider"] = token_command(options["token_command"])
+                except ValueError as error:
+                    raise CommandError(f"--token-command: {error}", returncode=EXIT_USAGE) from None
+            else:
+                overrides["password"] = self._password(options)
+        elif options["token_command"]:
+            raise CommandError(
+                "--token-command needs --user (the mailbox the token is for)",
+                returncode=EXIT_USAGE,
+            )
         return overrides
 
     def _password(self, options: dict[str, Any]) -> str:
