@@ -10,10 +10,20 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from .aio import amail_admins, amail_managers, asend_mail, asend_mass_mail
     from .email_backend import EmailBackend
     from .smtp.delivery import DeliveryOptions
 
-__all__ = ["DeliveryOptions", "backend"]
+__all__ = [
+    "DeliveryOptions",
+    "amail_admins",
+    "amail_managers",
+    "asend_mail",
+    "asend_mass_mail",
+    "backend",
+]
+
+_ASYNC = frozenset({"amail_admins", "amail_managers", "asend_mail", "asend_mass_mail"})
 
 backend: type[EmailBackend]
 
@@ -27,4 +37,8 @@ def __getattr__(name: str) -> Any:
         from .smtp.delivery import DeliveryOptions
 
         return DeliveryOptions
+    if name in _ASYNC:  # async mail functions (django_socketmail.aio), imported on first use
+        from . import aio
+
+        return getattr(aio, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

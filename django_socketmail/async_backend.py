@@ -1,0 +1,368 @@
+"""The backend's async side: ``await backend.asend_messages(messages)`` and ``async with
+backend:``, on the asyncio driver (:mod:`.smtp.aio`) and the same engine as the sync side.
+
+:class:`AsyncBackendMixin` is mixed into :class:`~.email_backend.EmailBackend`; it reuses the
+sync backend's options, batching (:meth:`EmailBackend._next_batch`), settlement
+(:meth:`EmailBackend._settle_batch`) and recording, so an async call returns the same
+count, sets the same ``message.socketmail_result`` and raises the same exception classes as
+``send_messages()``.  Only the waiting differs: connecting, sending and QUIT are awaited on
+the running loop, and the audit log is written in a worker thread
+(``sync_to_async(..., thread_sensitive=False)``) with that thread's own database
+connection, so it neither blocks the loop nor shares the fate of a transaction the caller
+holds elsewhere.
+
+:class:`AsyncSession` is :class:`~.session.Session`'s twin for the asyncio driver: the
+connection, its recorder and its error, from open to end.  A session belongs to the event
+loop that opened it; on another loop it is not reused.
+
+Cancellation: cancelling ``asend_messages()`` abandons its connection (the driver tells the
+engine, so no message is reported SENT that the server did not accept), records every
+message of the run in flight with its truthful result, ends the session and re-raises.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+import weakref
+from collections import deque
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, cast
+
+from asgiref.sync import sync_to_async
+
+from .audit import AuditRecorder
+from .session import SessionKey, _learn_no_dot_pipelining, learned_no_dot_pipelining
+from .smtp import RecipientStatus, SMTPClient, SocketMailError, Transcript
+from .smtp.aio import AsyncSMTPClient, SendCancelledError
+from .smtp.client import QUIT_TIMEOUT
+from .smtp.engine import Batch
+from .smtp.transaction import Transaction
+from .smtp.transcript import Listener
+
+if TYPE_CHECKING:
+    from django.core.mail import EmailMessage
+
+    from .audit import AuditRecorder as Recorder
+    from .conf import BackendOptions
+    from .email_backend import EmailBackend
+    from .pool import PoolLimits
+    from .session import Session
+
+__all__ = ["AsyncBackendMixin", "AsyncEmailBackend", "AsyncSession", "flush_in_thread"]
+
+logger = logging.getLogger("django_socketmail")
+
+
+async def flush_in_thread(recorder: Recorder) -> None:
+    """``recorder.flush()`` in a worker thread (never raises, like the flush itself): the
+    loop goes on meanwhile.  The thread writes with its own database connection, outside
+    any atomic block of the caller's, so the rows survive the caller's rollback."""
+    await sync_to_async(recorder.flush, thread_sensitive=False)()
+
+
+class AsyncSession:
+    """A connection on the asyncio driver, its recorder and its error, from open to end."""
+
+    def __init__(
+        self, options: BackendOptions, mailer: str, listeners: Iterable[Listener] = ()
+    ) -> None:
+        self.key = SessionKey.of(options, mailer)
+        config = self.key.config
+        transcript = Transcript()
+        for listener in listeners:
+            transcript.subscribe(listener)
+        self.client = AsyncSMTPClient(
+            config,
+            transcript=transcript,
+            pipeline_after_dot=not learned_no_dot_pipelining(config.host, config.port),
+        )
+        # The recorder reads the client's transcript and info, which both drivers have.
+        self.recorder = AuditRecorder(options, mailer, cast("SMTPClient", self.client))
+        self.error: BaseException | None = None
+        """Why the session failed or broke (None while it is healthy)."""
+        self.loop = asyncio.get_running_loop()
+        self.created = time.monotonic()
+        self.idle_since = self.created
+        self._pid = os.getpid()
+        self._ended = False
+
+    def __repr__(self) -> str:
+        return f"<AsyncSession {self.client!r}>"
+
+    @property
+    def is_open(self) -> bool:
+        """Connected and usable, in the process and on the event loop that opened it."""
+        return (
+            self.client.is_connected and os.getpid() == self._pid and _running_loop() is self.loop
+        )
+
+    async def open(self) -> None:
+        """Connect, TLS, AUTH; on failure (or cancellation) record the session and raise."""
+        try:
+            await self.client.connect()
+        except SocketMailError as error:
+            self.error = error
+            await self.end()
+            raise
+        except asyncio.CancelledError:
+            self.error = SendCancelledError("cancelled while opening the session")
+            await self.end(quit_budget=0)
+            raise
+
+    async def send(self, transactions: Sequence[Transaction], *, stop_on_error: bool) -> Batch:
+        """Send on this session; a broken connection becomes the session's error."""
+        try:
+            batch = await self.client.send(transactions, stop_on_error=stop_on_error)
+        except asyncio.CancelledError:
+            self.error = self.error or SendCancelledError("cancelled while sending")
+            raise
+        if batch.lost is not None and not self.client.is_connected:
+            self.error = self.error or batch.lost
+        if batch.lost_behind_dot:
+            config = self.key.config
+            _learn_no_dot_pipelining(config.host, config.port)
+        return batch
+
+    def usable(self, *, idle_timeout: float, max_age: float, max_messages: int, now: float) -> bool:
+        """Young, recently used, not worn out, healthy, and the server has not hung up."""
+        return (
+            self.error is None
+            and now - self.created < max_age
+            and now - self.idle_since < idle_timeout
+            and self.client.info.messages_sent < max_messages
+            and self.is_open
+            and not self.client.peer_has_spoken()
+        )
+
+    async def end(self, *, quit_budget: float = QUIT_TIMEOUT) -> None:
+        """QUIT (within ``quit_budget`` seconds; none left, or another loop: just close),
+        then write the session's record with its error.  Idempotent; raises nothing but
+        a cancellation of the caller."""
+        if self._ended:
+            return
+        self._ended = True
+        if os.getpid() != self._pid:
+            self.client.close()
+            return
+        try:
+            if quit_budget > 0 and _running_loop() is self.loop:
+                await self.client.quit(budget=quit_budget)
+            else:
+                self.client.close()
+        except asyncio.CancelledError:
+            self.client.close()
+            raise
+        except Exception:  # closing must not turn a sent message into an exception
+            logger.exception("django-socketmail: error while closing %r", self)
+            self.client.close()
+        self.recorder.session_ended(self.error)
+        await flush_in_thread(self.recorder)
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+class _Host(Protocol):
+    """What the mixin needs from the backend it is mixed into."""
+
+    options: BackendOptions
+    mailer_alias: str
+    fail_silently: bool
+    transcript_listeners: list[Listener]
+
+    def send_messages(self, email_messages: Sequence[EmailMessage]) -> int: ...
+
+    def _next_batch(self, queue: deque[EmailMessage], session: Session) -> tuple[Any, Any]: ...
+
+    def _settle_batch(
+        self, batch: Any, outcome: Batch, recorder: AuditRecorder, tries: dict[int, int]
+    ) -> tuple[int, list[EmailMessage]]: ...
+
+    def _record(
+        self, recorder: AuditRecorder, message: EmailMessage, result: Any, raw: list[bytes]
+    ) -> None: ...
+
+    @property
+    def _limits(self) -> PoolLimits: ...
+
+
+class _AsyncState:
+    """A backend's async side: its open session and a lock per event loop."""
+
+    def __init__(self) -> None:
+        self.session: AsyncSession | None = None
+        self.last_session: AsyncSession | None = None
+        self.locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def lock(self) -> asyncio.Lock:
+        loop = asyncio.get_running_loop()
+        lock = self.locks.get(loop)
+        if lock is None:
+            lock = self.locks[loop] = asyncio.Lock()
+        return lock
+
+
+def _state(backend: object) -> _AsyncState:
+    """The backend's async state, kept in its instance dictionary."""
+    state: _AsyncState = vars(backend).setdefault("_socketmail_async", _AsyncState())
+    return state
+
+
+class AsyncBackendMixin:
+    """``asend_messages()``, ``aopen()``, ``aclose()`` and ``async with`` for
+    :class:`~.email_backend.EmailBackend`; see the module docstring."""
+
+    @property
+    def async_session(self) -> AsyncSession | None:
+        """The open async session (None when closed)."""
+        return _state(self).session
+
+    @property
+    def last_async_session(self) -> AsyncSession | None:
+        """The most recent async session, open or not: what it negotiated stays readable."""
+        return _state(self).last_session
+
+    async def __aenter__(self: _Host) -> Any:
+        await AsyncBackendMixin.aopen(self)
+        return self
+
+    async def __aexit__(self: _Host, *exc_info: object) -> None:
+        await AsyncBackendMixin.aclose(self)
+
+    async def aopen(self: _Host) -> bool | None:
+        """Ensure an open, fully set-up async session: True if this call opened it, False
+        if one was open, None if opening failed and ``fail_silently`` is set."""
+        state = _state(self)
+        session = state.session
+        if session is not None and session.is_open:
+            return False
+        await _end_session(state)
+        session = AsyncSession(self.options, self.mailer_alias, self.transcript_listeners)
+        state.last_session = session
+        try:
+            await session.open()
+        except SocketMailError:
+            if not self.fail_silently:
+                raise
+            return None
+        state.session = session
+        return True
+
+    async def aclose(self: _Host) -> None:
+        """QUIT (falling back to closing) and record the session.  Does not raise for a
+        dead server."""
+        await _end_session(_state(self))
+
+    async def asend_messages(self: _Host, email_messages: Sequence[EmailMessage]) -> int:
+        """``send_messages()``, awaited: the same count, results, audit rows and exceptions
+        (see :meth:`.email_backend.EmailBackend.send_messages`).  With ``queue=True`` the sync
+        method runs in a thread (it only stores the messages)."""
+        if not email_messages:
+            return 0
+        if getattr(self.options, "queue", False):
+            return await sync_to_async(self.send_messages)(email_messages)
+        state = _state(self)
+        async with state.lock():
+            opened = await AsyncBackendMixin.aopen(self)
+            if state.session is None or opened is None:
+                return 0
+            try:
+                return await _send_all(self, state, [m for m in email_messages if m.recipients()])
+            finally:
+                if opened:
+                    await _end_session(state)
+                elif state.session is not None:
+                    await flush_in_thread(state.session.recorder)
+
+
+async def _end_session(state: _AsyncState) -> None:
+    session, state.session = state.session, None
+    if session is not None:
+        await session.end()
+
+
+async def _send_all(backend: _Host, state: _AsyncState, messages: list[EmailMessage]) -> int:
+    """:meth:`EmailBackend._send_all`, awaited (same runs, retries and raising)."""
+    sent = 0
+    queue = deque(messages)
+    tries: dict[int, int] = {}
+    while queue:
+        if (state.session is None or not state.session.is_open) and (
+            await AsyncBackendMixin.aopen(backend) is None
+        ):
+            return sent
+        session = state.session
+        assert session is not None
+        # The batching reads only session.client.prepare and session.recorder.
+        batch, refused = backend._next_batch(queue, cast("Session", session))
+        try:
+            outcome = await session.send(
+                [t for _, t, _ in batch], stop_on_error=not backend.fail_silently
+            )
+        except asyncio.CancelledError:
+            _record_cancelled(backend, session, batch)
+            raise
+        accepted, retry = backend._settle_batch(batch, outcome, session.recorder, tries)
+        sent += accepted
+        if outcome.errors and not backend.fail_silently:
+            raise outcome.errors[0][1]
+        if refused is not None:
+            backend._record(session.recorder, *refused[:3])
+            raise refused[3]
+        del batch, outcome
+        queue.extendleft(reversed(retry))
+    return sent
+
+
+def _record_cancelled(
+    backend: _Host,
+    session: AsyncSession,
+    batch: list[tuple[EmailMessage, Transaction, list[bytes]]],
+) -> None:
+    """The run was cancelled: each message keeps what the server's replies said (the driver
+    told the engine the connection was lost); one never started fails with the
+    cancellation.  Each is recorded, so the audit log and ``socketmail_result`` stay true."""
+    error = session.error or SendCancelledError("cancelled while sending")
+    for message, transaction, raw in batch:
+        result = transaction.result
+        if any(r.status is RecipientStatus.PENDING for r in result.recipients):
+            result.fail(error)
+        backend._record(session.recorder, message, result, raw)
+
+
+if TYPE_CHECKING:
+    AsyncEmailBackend: type[EmailBackend]
+    """:class:`~.email_backend.EmailBackend` with the async methods (itself, once the
+    mixin is in its bases)."""
+
+
+_standin: list[type] = []
+
+
+def __getattr__(name: str) -> Any:
+    """``AsyncEmailBackend``, resolved lazily (importing this module does not import the
+    backend, so the backend may import the mixin from here)."""
+    if name != "AsyncEmailBackend":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from .email_backend import EmailBackend
+
+    if issubclass(EmailBackend, AsyncBackendMixin):
+        return EmailBackend
+    if not _standin:
+        _standin.append(
+            type(
+                "AsyncEmailBackend",
+                (AsyncBackendMixin, EmailBackend),
+                {"__module__": __name__, "__doc__": EmailBackend.__doc__},
+            )
+        )
+    return _standin[0]

@@ -1,0 +1,507 @@
+"""The async API against the sync one: the same behaviours, parametrized over both.
+
+``send_messages()`` and ``await asend_messages()`` (and ``send_mail`` / ``asend_mail``...)
+must return the same counts, set the same ``socketmail_result``, raise the same exception
+classes and keep the same time bounds.  Every async run uses ``asyncio.run(..., debug=True)``
+(asyncio's debug mode: slow callbacks, never-awaited coroutines and unclosed transports
+reported), and the suite runs with ``-W error::ResourceWarning``.  Cancellation, which only
+the async API has, is tested at several points of a send.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any, TypeVar
+
+import pytest
+from asgiref.sync import SyncToAsync
+from django.contrib.auth.models import User
+from django.core import mail
+from django.core.mail import EmailMessage
+from django.db import transaction
+from django.test import override_settings
+
+import django_socketmail
+from django_socketmail import async_backend
+from django_socketmail.async_backend import AsyncBackendMixin
+from django_socketmail.audit import AuditRecorder
+from django_socketmail.email_backend import EmailBackend
+from django_socketmail.localserver import LocalSMTPServer
+from django_socketmail.models import MessageLog, SessionLog
+from django_socketmail.smtp import (
+    RecipientsRefused,
+    RecipientStatus,
+    SendResult,
+    SendStatus,
+    ServerDisconnected,
+    SMTPTimeoutError,
+)
+from django_socketmail.smtp.aio import SendCancelledError
+
+from .conftest import PASSWORD, USER
+from .hostile.server import (
+    Connection,
+    HostileSMTPServer,
+    Script,
+    close,
+    drip,
+    greet,
+    respond,
+    sleep,
+)
+
+T = TypeVar("T")
+TIMEOUT = 1.0
+MARGIN = 0.5
+APIS = ["sync", "async"]
+FD_DIR = "/proc/self/fd"
+
+
+def run(awaitable: Awaitable[T]) -> T:
+    """Run in a fresh event loop in asyncio's debug mode."""
+
+    async def main() -> T:
+        return await awaitable
+
+    return asyncio.run(main(), debug=True)
+
+
+def message(to: list[str] | None = None, subject: str = "async") -> EmailMessage:
+    return EmailMessage(subject, "Hello.\n", "sender@example.com", to or ["rcpt@example.com"])
+
+
+def result_of(msg: EmailMessage) -> SendResult:
+    result = getattr(msg, "socketmail_result", None)
+    assert isinstance(result, SendResult), "the message was never attempted"
+    return result
+
+
+def send(api: str, backend: Any, messages: list[EmailMessage]) -> int:
+    if api == "sync":
+        return int(backend.send_messages(messages))
+    return run(backend.asend_messages(messages))
+
+
+def backend_class() -> type[EmailBackend]:
+    return async_backend.AsyncEmailBackend
+
+
+@pytest.fixture
+def make(make_backend: Callable[..., EmailBackend]) -> Iterator[Callable[..., Any]]:
+    """A backend with the async methods, for a server (closed after the test)."""
+    made: list[Any] = []
+
+    def build(server: Any, **options: Any) -> Any:
+        base = make_backend(server, **options)  # the defaults conftest gives every backend
+        backend = backend_class()(**(_options_of(base) | options))
+        made.append(backend)
+        return backend
+
+    yield build
+    for backend in made:
+        backend.close()
+        if backend.async_session is not None:
+            run(backend.aclose())
+
+
+def _options_of(backend: EmailBackend) -> dict[str, Any]:
+    o = backend.options
+    return {
+        "host": o.host,
+        "port": o.port,
+        "use_tls": o.use_tls,
+        "use_ssl": o.use_ssl,
+        "timeout": o.timeout,
+        "local_hostname": o.local_hostname,
+        "ssl_cafile": o.ssl_cafile,
+        "audit_log": o.audit_log,
+    }
+
+
+@pytest.fixture(autouse=True)
+def _no_leaks() -> Iterator[None]:
+    """Every test ends with the threads and file descriptors it started with, once the
+    in-process servers have closed their side (polled for up to 2 s).  asgiref's one
+    thread for ``sync_to_async(thread_sensitive=True)`` lives for the process: started
+    before counting."""
+    SyncToAsync.single_thread_executor.submit(lambda: None).result()
+    fds = len(os.listdir(FD_DIR))
+    threads = threading.active_count()
+    yield
+    deadline = time.monotonic() + 2.0
+    while (len(os.listdir(FD_DIR)), threading.active_count()) != (fds, threads):
+        if time.monotonic() > deadline:
+            assert threading.active_count() == threads
+            assert len(os.listdir(FD_DIR)) == fds
+        time.sleep(0.01)
+
+
+# -- the same behaviour through both APIs ---------------------------------------------------
+
+
+@pytest.mark.parametrize("api", APIS)
+def test_success(api: str, make: Any, starttls_server: LocalSMTPServer) -> None:
+    backend = make(starttls_server, username=USER, password=PASSWORD)
+    msgs = [message(subject="one"), message(subject="two")]
+    assert send(api, backend, msgs) == 2
+    for msg in msgs:
+        result = result_of(msg)
+        assert result.status is SendStatus.SENT
+        assert result.error is None
+        assert result.queue_id is not None
+        assert result.elapsed > 0
+    assert len(starttls_server.wait_for_messages(2)) == 2
+    info = backend.last_async_session.client.info if api == "async" else backend.last_client.info
+    assert info.tls_version is not None
+    assert info.auth_mechanism is not None
+
+
+@pytest.mark.parametrize("api", APIS)
+@pytest.mark.parametrize("quiet", [False, True], ids=["raises", "fail_silently"])
+def test_refusal(api: str, quiet: bool, make: Any, plain_server: LocalSMTPServer) -> None:
+    backend = make(plain_server, fail_silently=quiet)
+    msg = message(["nobody@example.com"])
+    if quiet:
+        assert send(api, backend, [msg]) == 0
+    else:
+        with pytest.raises(RecipientsRefused) as info:
+            send(api, backend, [msg])
+        assert "nobody@example.com" in info.value.recipients
+    result = result_of(msg)
+    assert result.status is SendStatus.REFUSED
+    assert isinstance(result.error, RecipientsRefused)
+    assert result.recipients[0].reply is not None
+    assert result.recipients[0].reply.code == 550
+
+
+@pytest.mark.parametrize("api", APIS)
+def test_partial(api: str, make: Any, plain_server: LocalSMTPServer) -> None:
+    backend = make(plain_server)
+    msg = message(["ok@example.com", "nobody@example.com", "later@example.com"])
+    assert send(api, backend, [msg]) == 1
+    result = result_of(msg)
+    assert result.status is SendStatus.PARTIAL
+    assert [r.status for r in result.recipients] == [
+        RecipientStatus.DELIVERED,
+        RecipientStatus.REFUSED,
+        RecipientStatus.REFUSED,
+    ]
+    assert [r.reply.code for r in result.recipients if r.reply] == [250, 550, 450]
+    (delivered,) = plain_server.wait_for_messages(1)
+    assert list(delivered.rcpt_tos) == ["ok@example.com"]
+
+
+@pytest.mark.parametrize("api", APIS)
+def test_unknown_after_a_lost_final_reply(api: str, make: Any) -> None:
+    """The content went out and the server hung up before its final reply: maybe
+    delivered, so UNKNOWN (never SENT, never resent), and the connection's error raised."""
+    with HostileSMTPServer(Script([greet(), respond({".": close()})])) as server:
+        backend = make(server, timeout=TIMEOUT)
+        msg = message()
+        with pytest.raises(ServerDisconnected):
+            send(api, backend, [msg])
+        assert server.wait_closed()
+        assert len(server.messages) == 1  # sent once, not again
+    result = result_of(msg)
+    assert result.status is SendStatus.UNKNOWN
+    assert isinstance(result.error, ServerDisconnected)
+    assert result.recipients[0].status is RecipientStatus.UNKNOWN
+
+
+@pytest.mark.parametrize("api", APIS)
+def test_timeout_bound_on_a_dripping_final_reply(api: str, make: Any) -> None:
+    """A byte every 0.25 s: only a deadline per reply (not per read) ends it in time."""
+    script = Script([greet(), respond({".": drip(b"250 2.0.0 Ok: queued as SLOW\r\n", 0.25)})])
+    with HostileSMTPServer(script) as server:
+        backend = make(server, timeout=TIMEOUT)
+        msg = message()
+        started = time.monotonic()
+        with pytest.raises(SMTPTimeoutError):
+            send(api, backend, [msg])
+        elapsed = time.monotonic() - started
+        assert server.wait_closed()
+    assert TIMEOUT * 0.95 <= elapsed < TIMEOUT + MARGIN
+    result = result_of(msg)
+    assert result.status is SendStatus.UNKNOWN
+    assert isinstance(result.error, SMTPTimeoutError)
+
+
+@pytest.mark.parametrize("api", APIS)
+def test_never_greets_is_a_timeout_within_the_bound(api: str, make: Any) -> None:
+    with HostileSMTPServer(Script([sleep(5)])) as server:
+        backend = make(server, timeout=TIMEOUT)
+        msg = message()
+        started = time.monotonic()
+        with pytest.raises(SMTPTimeoutError):
+            send(api, backend, [msg])
+        assert time.monotonic() - started < TIMEOUT + MARGIN
+    assert not hasattr(msg, "socketmail_result")  # never attempted: no session
+
+
+# -- Django's function names -----------------------------------------------------------------
+
+
+SOCKETMAIL = "django_socketmail.async_backend.AsyncEmailBackend"
+
+
+def settings_for(server: LocalSMTPServer) -> dict[str, Any]:
+    return {
+        "EMAIL_BACKEND": SOCKETMAIL,
+        "EMAIL_HOST": "127.0.0.1",
+        "EMAIL_PORT": server.port,
+        "SOCKETMAIL": {"audit_log": False, "local_hostname": "client.example"},
+        "ADMINS": [("Admin", "admin@example.com")],
+        "MANAGERS": [("Manager", "manager@example.com")],
+        "SERVER_EMAIL": "server@example.com",
+        "EMAIL_SUBJECT_PREFIX": "[site] ",
+    }
+
+
+@pytest.mark.parametrize("api", APIS)
+def test_send_mail_and_its_twins(api: str, plain_server: LocalSMTPServer) -> None:
+    with override_settings(**settings_for(plain_server)):
+        if api == "sync":
+            count = mail.send_mail("s", "body", "from@example.com", ["a@example.com"])
+            mass = mail.send_mass_mail(
+                [
+                    ("m1", "b", "from@example.com", ["b@example.com"]),
+                    ("m2", "b", "from@example.com", ["nobody@example.com"]),
+                ],
+                fail_silently=True,
+            )
+            mail.mail_admins("admins", "body", html_message="<p>body</p>")
+            mail.mail_managers("managers", "body")
+        else:
+            count = run(
+                django_socketmail.asend_mail("s", "body", "from@example.com", ["a@example.com"])
+            )
+            mass = run(
+                django_socketmail.asend_mass_mail(
+                    [
+                        ("m1", "b", "from@example.com", ["b@example.com"]),
+                        ("m2", "b", "from@example.com", ["nobody@example.com"]),
+                    ],
+                    fail_silently=True,
+                )
+            )
+            run(django_socketmail.amail_admins("admins", "body", html_message="<p>body</p>"))
+            run(django_socketmail.amail_managers("managers", "body"))
+    assert (count, mass) == (1, 1)
+    got = plain_server.wait_for_messages(4)
+    assert [list(m.rcpt_tos) for m in got] == [
+        ["a@example.com"],
+        ["b@example.com"],
+        ["admin@example.com"],
+        ["manager@example.com"],
+    ]
+    admins = got[2].data
+    assert b"Subject: [site] admins" in admins
+    assert b"From: server@example.com" in admins
+    assert b"text/html" in admins
+
+
+def test_asend_mail_raises_as_send_mail_does(plain_server: LocalSMTPServer) -> None:
+    with override_settings(**settings_for(plain_server)):
+        with pytest.raises(RecipientsRefused):
+            mail.send_mail("s", "b", "from@example.com", ["nobody@example.com"])
+        with pytest.raises(RecipientsRefused):
+            run(django_socketmail.asend_mail("s", "b", "from@example.com", ["nobody@example.com"]))
+        assert run(django_socketmail.asend_mail("s", "b", "f@example.com", [])) == 0
+        quiet = django_socketmail.asend_mail(
+            "s", "b", "from@example.com", ["nobody@example.com"], fail_silently=True
+        )
+        assert run(quiet) == 0
+
+
+def test_any_other_backend_runs_in_a_thread() -> None:
+    """Django's test runner swaps in locmem: the async functions still work (through
+    ``sync_to_async``) and fill ``mail.outbox``."""
+    with override_settings(
+        EMAIL_BACKEND="django.core.mail.backends.locmem.EmailBackend",
+        ADMINS=[("A", "a@example.com")],
+    ):
+        mail.outbox = []
+        assert run(django_socketmail.asend_mail("s", "b", "f@example.com", ["x@example.com"])) == 1
+        run(django_socketmail.amail_admins("oops", "b"))
+        assert [m.to for m in mail.outbox] == [["x@example.com"], ["a@example.com"]]
+
+
+def test_using_needs_mailers_and_excludes_connection() -> None:
+    import django
+
+    if django.VERSION < (6, 1):
+        with pytest.raises(TypeError, match=r"6\.1"):
+            run(django_socketmail.asend_mail("s", "b", "f@example.com", ["x@x.com"], using="x"))
+    else:  # pragma: no cover - Django 6.1
+        with pytest.raises(TypeError, match="mutually exclusive"):
+            run(
+                django_socketmail.asend_mail(
+                    "s", "b", "f@example.com", ["x@x.com"], connection=object(), using="x"
+                )
+            )
+
+
+# -- async only: the backend as a context manager, cancellation, the audit log --------------
+
+
+def test_async_with_keeps_one_connection_for_several_calls(
+    make: Any, plain_server: LocalSMTPServer
+) -> None:
+    backend = make(plain_server)
+
+    async def main() -> list[int]:
+        async with backend:
+            first = backend.async_session
+            counts = [await backend.asend_messages([message()]) for _ in range(3)]
+            assert backend.async_session is first
+        assert backend.async_session is None
+        return counts
+
+    assert run(main()) == [1, 1, 1]
+    assert len(plain_server.wait_for_messages(3)) == 3
+
+
+def cancel_when(
+    backend: Any, msgs: list[EmailMessage], ready: Callable[[], bool], within: float = 3.0
+) -> None:
+    """Start ``asend_messages(msgs)``, cancel it 0.2 s after ``ready()`` (polled), and check
+    it raised CancelledError."""
+
+    async def main() -> None:
+        task = asyncio.ensure_future(backend.asend_messages(msgs))
+        deadline = time.monotonic() + within
+        while not ready():
+            assert time.monotonic() < deadline, "never got ready to cancel"
+            assert not task.done(), task
+            await asyncio.sleep(0.005)
+        await asyncio.sleep(0.2)  # the client reads what the server sent before it stalled
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    run(main())
+
+
+def stalling(after: int = 0) -> tuple[Callable[[Connection, bytes], None], threading.Event]:
+    """A rule that answers its first ``after`` commands well, then sits on the next reply
+    (1.5 s) and hangs up; the event is set when it starts sitting."""
+    stalled = threading.Event()
+    seen: list[bytes] = []
+
+    def rule(conn: Connection, line: bytes) -> None:
+        seen.append(line)
+        if len(seen) <= after:
+            conn.reply(250, "2.0.0 Ok: queued as EARLY" if line == b"." else "2.1.5 Ok")
+            return
+        stalled.set()
+        conn.sleep(1.5)
+        conn.close()
+
+    return rule, stalled
+
+
+@pytest.mark.parametrize("where", ["RCPT", "final"])
+def test_cancelled_send_reports_nothing_unaccepted_as_sent(make: Any, where: str) -> None:
+    """Cancelled while the server sits on a reply: the connection is dropped at once (no
+    QUIT, nothing more written), the message in flight is not SENT (UNKNOWN once its
+    content went out, else FAILED) and carries the cancellation; a message the server
+    accepted before stays SENT; the same backend then sends on a new connection."""
+    rule, stalled = stalling(after=1)
+    stuck = Script([greet(), respond({"RCPT" if where == "RCPT" else ".": rule})])
+    with HostileSMTPServer([stuck, Script([greet(), respond({})])]) as server:
+        backend = make(server, timeout=5)
+        before, msg = message(subject="before"), message(subject="stuck")
+        cancel_when(backend, [before, msg], stalled.is_set)
+        assert backend.async_session is None
+        assert server.wait_closed(timeout=4)
+        stuck_conn = server.connections[0]
+        # It sees the hang-up at once unless our pipelined commands wait unread before it.
+        assert stuck_conn.ended_by in ("client", "server")
+        assert b"QUIT" not in stuck_conn.received
+        ok = message(subject="after")
+        assert run(backend.asend_messages([ok])) == 1
+        assert result_of(ok).status is SendStatus.SENT
+        assert server.connections[1].messages[0].count(b"Subject: after") == 1
+    assert result_of(before).status is SendStatus.SENT
+    result = result_of(msg)
+    expected = SendStatus.UNKNOWN if where == "final" else SendStatus.FAILED
+    assert result.status is expected
+    assert isinstance(result.error, SendCancelledError)
+
+
+class Rollback(Exception):
+    pass
+
+
+def in_rolled_back_transaction(send_one: Callable[[], int], *, write_first: bool = False) -> None:
+    """Send inside ``transaction.atomic()`` (after a write of our own, if asked), then fail."""
+    with transaction.atomic():
+        if write_first:
+            User.objects.create(username="made-in-the-transaction")
+        assert send_one() == 1
+        raise Rollback
+
+
+@pytest.mark.django_db(transaction=True, databases=["default", "audit"])
+@pytest.mark.parametrize("api", APIS)
+def test_audit_rows_survive_the_callers_rollback(
+    api: str, make: Any, plain_server: LocalSMTPServer
+) -> None:
+    backend = make(plain_server, audit_log=True, audit_database="audit")
+    with pytest.raises(Rollback):
+        in_rolled_back_transaction(lambda: send(api, backend, [message()]), write_first=True)
+    assert not User.objects.filter(username="made-in-the-transaction").exists()
+    assert MessageLog.objects.using("audit").get().status == "sent"
+    assert SessionLog.objects.using("audit").count() == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_async_audit_log_is_written_off_the_loop_and_survives_a_rollback(
+    make: Any, plain_server: LocalSMTPServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The flush runs in a worker thread (the loop's thread never writes), with that
+    thread's own connection: outside the caller's atomic block, so its rows stay."""
+    threads: list[threading.Thread] = []
+    flush = AuditRecorder.flush
+
+    def spy(self: AuditRecorder) -> None:
+        threads.append(threading.current_thread())
+        flush(self)
+
+    monkeypatch.setattr(AuditRecorder, "flush", spy)
+    backend = make(plain_server, audit_log=True)
+    with pytest.raises(Rollback):
+        in_rolled_back_transaction(lambda: run(backend.asend_messages([message()])))
+    assert threads
+    assert threading.current_thread() not in threads
+    assert MessageLog.objects.get().status == "sent"
+    assert SessionLog.objects.count() == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_async_audit_log_of_a_cancelled_send(make: Any, caplog: pytest.LogCaptureFixture) -> None:
+    rule, stalled = stalling()
+    with HostileSMTPServer(Script([greet(), respond({".": rule})])) as server:
+        backend = make(server, audit_log=True, timeout=5)
+        msg = message()
+        with caplog.at_level(logging.ERROR, logger="django_socketmail"):
+            cancel_when(backend, [msg], stalled.is_set)
+        assert server.wait_closed(timeout=4)
+    row = MessageLog.objects.get()
+    assert row.status == "unknown"
+    assert row.session is not None
+    assert row.session.outcome == "failed"
+    assert "cancelled" in row.session.error
+    assert caplog.text == ""
+
+
+def test_the_mixin_is_what_the_stand_in_adds() -> None:
+    cls = backend_class()
+    assert issubclass(cls, EmailBackend)
+    assert issubclass(cls, AsyncBackendMixin)
+    assert cls is async_backend.AsyncEmailBackend  # one class, made once
