@@ -7,7 +7,8 @@ Importing this package never imports Django.  The pieces:
 - :mod:`.protocol` — commands and bytes in, replies out, ordering rules;
 - :mod:`.transaction` — the table of what every reply to a transaction means;
 - :mod:`.opening`, :mod:`.engine` — the sans-I/O session: events in, actions out;
-- :mod:`.sasl`, :mod:`.secret` — PLAIN, LOGIN, CRAM-MD5; credentials that do not print;
+- :mod:`.sasl`, :mod:`.scram`, :mod:`.oauth`, :mod:`.secret` — PLAIN, LOGIN, CRAM-MD5,
+  SCRAM-SHA-1/-256(-PLUS), XOAUTH2, OAUTHBEARER; credentials that do not print;
 - :mod:`.transcript` — the redacted record of the conversation;
 - :mod:`.config` — what a session is opened with and what it learned;
 - :mod:`.client` — the blocking socket driver;
