@@ -30,6 +30,7 @@ from django.core.exceptions import ImproperlyConfigured
 
 from .oauth_providers.cache import shared_cache
 from .smtp import DEFAULT_TIMEOUT, ClientConfig, Secret, TLSMode
+from .smtp.delivery import DeliveryOptions
 from .smtp.sasl import DEFAULT_PREFERENCE, MECHANISMS
 
 __all__ = [
@@ -149,6 +150,9 @@ OPTIONS: Final[dict[str, Option]] = {
     "failover_retry": Option(
         "float", 60.0, "Seconds a failed server is passed over before it is tried again."
     ),
+    "delivery": Option(
+        "dict | None", None, "Default DeliveryOptions (DSN, REQUIRETLS, envelope sender)."
+    ),
 }
 
 DJANGO_OPTIONS: Final = frozenset(name for name, o in OPTIONS.items() if o.django_setting) | {
@@ -251,6 +255,7 @@ class BackendOptions:
     rate_limit: tuple[int, float] | None
     failover: tuple[str | tuple[tuple[str, Any], ...], ...]
     failover_retry: float
+    delivery: DeliveryOptions | None
 
     def client_config(self) -> ClientConfig:
         """The SMTP client's configuration for these options."""
@@ -398,6 +403,15 @@ def parse_rate(value: Any) -> tuple[int, float]:
     return int(count), _PERIODS[period]
 
 
+def _delivery(value: Any) -> DeliveryOptions | None:
+    """A :class:`~.smtp.delivery.DeliveryOptions`, or a dict of its fields."""
+    if value is None or isinstance(value, DeliveryOptions):
+        return value
+    if not isinstance(value, dict):
+        raise TypeError(f"expected a dict of DeliveryOptions fields, got {type(value).__name__}")
+    return DeliveryOptions(**value)
+
+
 def _failover(value: Any) -> tuple[str | tuple[tuple[str, Any], ...], ...]:
     """MAILERS aliases (str) or option dicts over this mailer's own, in order (hashable)."""
     if isinstance(value, (str, dict)) or not isinstance(value, (list, tuple)):
@@ -541,4 +555,5 @@ _VALIDATORS: Final[dict[str, Callable[[Any], Any]]] = {
     "rate_limit": lambda v: None if v is None else parse_rate(v),
     "failover": lambda v: _failover(v),
     "failover_retry": lambda v: _positive(v, "seconds"),
+    "delivery": lambda v: _delivery(v),
 }

@@ -316,7 +316,10 @@ class EmailBackend(BaseEmailBackend):
             raw = serialize_parts(message)
             try:
                 transaction = session.client.prepare(
-                    message.from_email, message.recipients(), raw, delivery_options(message)
+                    message.from_email,
+                    message.recipients(),
+                    raw,
+                    delivery_options(message) or self.options.delivery,
                 )
             except InvalidAddressError as invalid:
                 # Refused before a byte was sent; still an attempt worth a row.

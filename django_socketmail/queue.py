@@ -96,7 +96,7 @@ def store(backend: EmailBackend, messages: Sequence[EmailMessage]) -> int:
     stored: list[tuple[EmailMessage, OutboxMessage, list[str], int]] = []
     with transaction.atomic(using=alias):
         for message in messages:
-            delivery = _delivery_of(message)
+            delivery = _delivery_of(message, options.delivery)
             sender = prepare_address(
                 (delivery.envelope_sender if delivery else None) or message.from_email
             ).addr_spec
@@ -201,10 +201,10 @@ def _message_id(data: bytes) -> str:
     return _header(None, "Message-ID", data[: 64 * 1024])[:255]
 
 
-def _delivery_of(message: EmailMessage) -> DeliveryOptions | None:
+def _delivery_of(message: EmailMessage, default: DeliveryOptions | None) -> DeliveryOptions | None:
     from .email_backend import delivery_options
 
-    delivery = delivery_options(message)
+    delivery = delivery_options(message) or default
     if delivery is not None and delivery.envid == "auto":
         # Fixed now, so that every attempt carries the same envelope id.
         fields = asdict(delivery) | {"envid": secrets.token_hex(16)}

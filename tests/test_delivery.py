@@ -167,3 +167,32 @@ def test_requiretls_is_refused_on_a_plain_session() -> None:
         assert server.wait_closed()
     assert not any(c.startswith(b"MAIL") for c in server.connections[0].commands)
     assert "not encrypted" in str(result_of(msg).error)
+
+
+def test_a_mailers_default_delivery_options_and_a_messages_own() -> None:
+    with HostileSMTPServer([standard_session(extensions=DSN)]) as server:
+        backend = EmailBackend(
+            host=server.host,
+            port=server.port,
+            timeout=2,
+            audit_log=False,
+            delivery={"notify": ["FAILURE"], "ret": "HDRS"},
+        )
+        assert backend.send_messages([message(), message(notify=("NEVER",))]) == 2
+        assert server.wait_closed()
+    rcpts = [c for c in server.connections[0].commands if c.startswith(b"RCPT")]
+    assert rcpts == [
+        b"RCPT TO:<a@example.com> NOTIFY=FAILURE",
+        b"RCPT TO:<b@example.com> NOTIFY=FAILURE",
+        b"RCPT TO:<a@example.com> NOTIFY=NEVER",
+        b"RCPT TO:<b@example.com> NOTIFY=NEVER",
+    ]
+    mails = [c for c in server.connections[0].commands if c.startswith(b"MAIL")]
+    assert mails[0].endswith(b" RET=HDRS") and not mails[1].endswith(b" RET=HDRS")
+
+
+def test_a_bad_default_is_a_configuration_error() -> None:
+    from django.core.exceptions import ImproperlyConfigured
+
+    with pytest.raises(ImproperlyConfigured, match="delivery"):
+        EmailBackend(delivery={"notify": ["SOMETIMES"]})
