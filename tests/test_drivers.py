@@ -12,7 +12,9 @@ writes (pipelined DATA, BDAT, lock-step), over STARTTLS and over implicit TLS.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ssl
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -20,8 +22,8 @@ from typing import Any
 import pytest
 import trustme
 
-from django_socketmail.smtp import ClientConfig, SMTPClient, TLSMode
-from django_socketmail.smtp.aio import AsyncSMTPClient
+from django_socketmail.smtp import ClientConfig, SendStatus, SMTPClient, SMTPTimeoutError, TLSMode
+from django_socketmail.smtp.aio import AsyncSMTPClient, SendCancelledError
 from django_socketmail.smtp.engine import Batch
 from django_socketmail.smtp.result import SendResult
 from django_socketmail.smtp.transcript import Transcript
@@ -31,6 +33,8 @@ from .hostile.server import (
     Connection,
     HostileSMTPServer,
     Script,
+    reply,
+    sleep,
     standard_session,
 )
 
@@ -265,3 +269,86 @@ def test_implicit_tls_through_both_drivers(runs: Any) -> None:
     assert_same(sync, aio)
     assert [c.split()[0].upper() for c in sync.commands][:2] == [b"EHLO", b"AUTH"]
     assert sync.tls_version is not None
+
+
+# -- time and cancellation while writing --------------------------------------------------
+
+BIG = b"Subject: big\r\n\r\n" + b"x" * 998 + b"\r\n"
+"""A 1 KiB line; messages below are many of them."""
+
+
+def stop_reading_at_data() -> Script:
+    """A server that says 354 to DATA and then reads nothing more (for 6 s)."""
+    return standard_session({"DATA": [reply(354, "go ahead"), sleep(6)]})
+
+
+def test_write_deadline_scales_with_size_and_holds_in_both_drivers(
+    server_tls: ssl.SSLContext, ca_path: str
+) -> None:
+    """9 MiB (under the server's SIZE) to a server that stops reading: each driver gives up
+    after ``timeout * (1 + MiB)`` (not ``timeout``, not never) with the same error and the
+    same result."""
+    timeout = 0.25
+    body = BIG * (9 * 1024)
+    bound = timeout * (1 + len(body) // (1 << 20))
+    outcomes = []
+    for driver in ("blocking", "asyncio"):
+        with HostileSMTPServer(stop_reading_at_data(), max_received=64 << 20) as server:
+            cfg = config(server, ca_path, tls=TLSMode.NONE, username=None, password=None)
+            cfg = dataclasses.replace(cfg, timeout=timeout)
+            started = time.monotonic()
+            if driver == "blocking":
+                client = SMTPClient(cfg)
+                client.connect()
+                tx = client.prepare("s@example.com", ["r@example.com"], body)
+                client.send([tx])
+                client.close()
+            else:
+
+                async def go(cfg: ClientConfig = cfg) -> Any:
+                    client = AsyncSMTPClient(cfg)
+                    await client.connect()
+                    tx = client.prepare("s@example.com", ["r@example.com"], body)
+                    await client.send([tx])
+                    client.close()
+                    return tx
+
+                tx = asyncio.run(go(), debug=True)
+            elapsed = time.monotonic() - started
+        assert bound * 0.9 <= elapsed < bound + 1.0, (driver, elapsed)
+        outcomes.append(summary(tx.result)[:6])
+    assert outcomes[0] == outcomes[1]
+    assert outcomes[0][0] is not SendStatus.SENT
+    assert outcomes[0][3] is SMTPTimeoutError
+
+
+def test_a_send_cancelled_mid_write_is_closed_and_not_sent(ca_path: str) -> None:
+    """Cancelled while the driver waits for the server to take a 9 MiB message: the
+    connection closes at once (no final dot, no QUIT ever follows the cut), the message is
+    not SENT and carries the cancellation."""
+    body = BIG * (9 * 1024)
+
+    with HostileSMTPServer(stop_reading_at_data(), max_received=64 << 20) as server:
+        cfg = config(server, ca_path, tls=TLSMode.NONE, username=None, password=None)
+
+        async def go() -> tuple[Any, AsyncSMTPClient]:
+            client = AsyncSMTPClient(cfg)
+            await client.connect()
+            tx = client.prepare("s@example.com", ["r@example.com"], body)
+            task = asyncio.ensure_future(client.send([tx]))
+            await asyncio.sleep(0.5)
+            assert not task.done()
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            return tx, client
+
+        tx, client = asyncio.run(go(), debug=True)
+        assert not client.is_connected
+        assert server.wait_closed(timeout=8)
+        received = server.connections[0].received
+    assert not received.endswith(b"\r\n.\r\n")
+    assert b"QUIT" not in received[-100:]
+    assert tx.result.status is not SendStatus.SENT
+    assert tx.result.status is not SendStatus.UNKNOWN  # the dot never left: not delivered
+    assert isinstance(tx.result.error, SendCancelledError)
