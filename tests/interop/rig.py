@@ -83,6 +83,10 @@ DEFER_PREFIX: Final = "defer-"
 
 REFUSE_REPLY: Final = "550 5.1.1 Recipient address rejected: refused by test rule"
 DEFER_REPLY: Final = "450 4.2.1 Recipient address rejected: deferred by test rule"
+BOUNCE_PREFIX: Final = "bounce-"
+"""Recipients whose local part starts with this are accepted, then bounced by the queue
+manager (``error`` transport: "user unknown"): a delivery status notification goes back to
+the envelope sender."""
 AUTH_REQUIRED_REPLY: Final = "530 5.7.0 Authentication required"
 
 DEFAULT_USERS: Final[Mapping[str, str]] = {
@@ -701,6 +705,9 @@ service submission-login {{
             f"/^{DEFER_PREFIX}[^@]*@{domain}$/\t{DEFER_REPLY}\n"
         )
         (conf / "auth_required").write_text(f"0.0.0.0/0\t{AUTH_REQUIRED_REPLY}\n")
+        (conf / "transport").write_text(
+            f"/^{BOUNCE_PREFIX}[^@]*@{domain}$/\terror:5.1.1 User unknown in this test rig\n"
+        )
         bare_newline = ""
         if self._postfix_knows("smtpd_forbid_bare_newline"):
             # Reject (not normalize) a bare LF: SMTP smuggling tests must see it.
@@ -755,6 +762,9 @@ virtual_uid_maps = static:{postfix.pw_uid}
 virtual_gid_maps = static:{postfix.pw_gid}
 default_transport = virtual
 relay_transport = virtual
+transport_maps = regexp:{conf}/transport
+# bounce-* recipients are accepted, then bounced (smtpd would refuse them at RCPT).
+smtpd_reject_unlisted_recipient = no
 local_transport = error:local delivery is disabled in the test rig
 smtpd_relay_restrictions = permit_sasl_authenticated, reject_unauth_destination
 smtpd_recipient_restrictions = check_recipient_access regexp:{conf}/recipient_access
@@ -818,7 +828,7 @@ postlog   unix-dgram n  -       n       -       1       postlogd
         # Postfix re-reads a file changed less than about 2 s ago, 300 ms at a time,
         # until it is that old (it might still be being edited): backdate them all.
         past = time.time() - 60
-        for name in ("main.cf", "master.cf", "recipient_access", "auth_required"):
+        for name in ("main.cf", "master.cf", "recipient_access", "auth_required", "transport"):
             (conf / name).chmod(0o644)
             os.utime(conf / name, (past, past))
 

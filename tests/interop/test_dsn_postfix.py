@@ -8,7 +8,7 @@ from django.core.mail import EmailMessage
 from django_socketmail import DeliveryOptions
 from django_socketmail.email_backend import EmailBackend
 from django_socketmail.smtp import SendResult, SendStatus
-from tests.interop.rig import DOMAIN, PostfixRig
+from tests.interop.rig import BOUNCE_PREFIX, DOMAIN, PostfixRig
 
 
 def test_a_success_dsn_comes_back_with_our_envid(maildir_clean: PostfixRig) -> None:
@@ -50,3 +50,24 @@ def test_a_success_dsn_comes_back_with_our_envid(maildir_clean: PostfixRig) -> N
     assert f"Original-Envelope-Id: {envid}".encode() in report
     assert f"Original-Recipient: rfc822;bob@{DOMAIN}".encode() in report
     assert b"Action: delivered" in report
+
+
+def test_a_bounce_for_an_unknown_user_carries_our_envid_back(maildir_clean: PostfixRig) -> None:
+    rig = maildir_clean
+    backend = EmailBackend(
+        host=rig.server_hostname,
+        port=rig.plain_port,
+        audit_log=False,
+        timeout=10,
+        local_hostname="client.test",
+    )
+    msg = EmailMessage("bounce me", "body\n", f"shop@{DOMAIN}", [f"{BOUNCE_PREFIX}x@{DOMAIN}"])
+    msg.socketmail_delivery = DeliveryOptions(  # type: ignore[attr-defined]
+        notify=("FAILURE",), ret="HDRS", envid="auto", envelope_sender=f"alice@{DOMAIN}"
+    )
+    assert backend.send_messages([msg]) == 1  # accepted: the bounce comes later
+    envid = msg.socketmail_result.envid  # type: ignore[attr-defined]
+    (bounce,) = rig.wait_for_messages(1, timeout=20)
+    assert b"multipart/report" in bounce
+    assert f"Original-Envelope-Id: {envid}".encode() in bounce
+    assert b"Action: failed" in bounce and b"5.1.1" in bounce
