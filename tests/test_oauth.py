@@ -1015,3 +1015,32 @@ def test_token_command_not_found_or_empty() -> None:
         command("/nonexistent/token-helper --json")("u")
     with pytest.raises(ValueError, match="empty"):
         command("  ")
+
+
+def test_microsoft_providers_reach_the_network_only_when_a_token_is_asked_for(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """MSAL looks the authority up over HTTP when its application is made: at settings load
+    (the README's ``myproject.mail_tokens`` module) that made the backend's construction
+    fail without the network.  The application is made at the first token request now."""
+    import msal
+
+    from django_socketmail.oauth_providers import microsoft
+    from django_socketmail.smtp.oauth import TokenProviderError
+
+    made: list[str] = []
+
+    class Unreachable:
+        def __init__(self, client_id: str, **kwargs: object) -> None:
+            made.append(client_id)
+            raise ConnectionError("login.microsoftonline.com: name not known")
+
+    monkeypatch.setattr(msal, "ConfidentialClientApplication", Unreachable)
+    monkeypatch.setattr(msal, "PublicClientApplication", Unreachable)
+    app_only = microsoft.client_credentials(tenant_id="t", client_id="app", client_secret="s")
+    delegated = microsoft.refresh_token(client_id="user-app", refresh_token="r")
+    assert made == []  # nothing at import time
+    for provider in (app_only, delegated):
+        with pytest.raises(TokenProviderError, match="not reachable: ConnectionError"):
+            provider("mailer@contoso.example")
+    assert made == ["app", "user-app"]

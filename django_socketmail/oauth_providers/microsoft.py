@@ -48,17 +48,19 @@ def client_credentials(
     ``timeout``...).  With ``force_refresh`` MSAL's cached token is dropped first."""
     import msal  # type: ignore[import-untyped,import-not-found,unused-ignore]
 
-    app = msal.ConfidentialClientApplication(
-        client_id,
-        client_credential=client_secret,
-        authority=authority or f"{LOGIN_HOST}/{tenant_id}",
-        **msal_options,
+    app = _lazy(
+        lambda: msal.ConfidentialClientApplication(
+            client_id,
+            client_credential=client_secret,
+            authority=authority or f"{LOGIN_HOST}/{tenant_id}",
+            **msal_options,
+        )
     )
 
     def provider(username: str, force_refresh: bool = False) -> tuple[str, float]:
         if force_refresh:
-            app.remove_tokens_for_client()
-        return _token(app.acquire_token_for_client(scopes=[scope]))
+            app().remove_tokens_for_client()
+        return _token(app().acquire_token_for_client(scopes=[scope]))
 
     return provider
 
@@ -79,24 +81,49 @@ def refresh_token(
     import msal  # type: ignore[import-untyped,import-not-found,unused-ignore]
 
     where = authority or f"{LOGIN_HOST}/{tenant_id}"
-    app: Any
-    if client_secret is not None:
-        app = msal.ConfidentialClientApplication(
-            client_id, client_credential=client_secret, authority=where, **msal_options
-        )
-    else:
-        app = msal.PublicClientApplication(client_id, authority=where, **msal_options)
+
+    def make() -> Any:
+        if client_secret is not None:
+            return msal.ConfidentialClientApplication(
+                client_id, client_credential=client_secret, authority=where, **msal_options
+            )
+        return msal.PublicClientApplication(client_id, authority=where, **msal_options)
+
+    app = _lazy(make)
     lock = threading.Lock()
     current = [refresh_token]
 
     def provider(username: str, force_refresh: bool = False) -> tuple[str, float]:
         with lock:
-            result = app.acquire_token_by_refresh_token(current[0], scopes=list(scopes))
+            result = app().acquire_token_by_refresh_token(current[0], scopes=list(scopes))
             if isinstance(result, dict) and result.get("refresh_token"):
                 current[0] = result["refresh_token"]
         return _token(result)
 
     return provider
+
+
+def _lazy(factory: Callable[[], Any]) -> Callable[[], Any]:
+    """The MSAL application, made at the first token request, not at import: MSAL looks the
+    authority up over HTTP when it is made, which must not happen while settings load (and
+    is then bounded by the backend's timeout, like every token request)."""
+    lock = threading.Lock()
+    made: list[Any] = []
+
+    def get() -> Any:
+        with lock:
+            if not made:
+                try:
+                    made.append(factory())
+                except TokenProviderError:
+                    raise
+                except Exception as error:
+                    raise TokenProviderError(
+                        f"Microsoft identity platform not reachable: {type(error).__name__}"
+                    ) from error
+            return made[0]
+
+    return get
 
 
 def _token(result: object) -> tuple[str, float]:
