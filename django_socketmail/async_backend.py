@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 from asgiref.sync import sync_to_async
 
 from .audit import AuditRecorder
+from .pool import MAX_IDLE_PER_KEY
 from .session import SessionKey, _learn_no_dot_pipelining, learned_no_dot_pipelining
 from .smtp import RecipientStatus, SMTPClient, SocketMailError, Transcript
 from .smtp.aio import AsyncSMTPClient, SendCancelledError
@@ -169,6 +170,77 @@ def _running_loop() -> asyncio.AbstractEventLoop | None:
         return None
 
 
+class AsyncPool:
+    """Idle async sessions of one event loop, by :class:`~.session.SessionKey` (as the sync
+    pool keys them), handed out under the same :class:`~.pool.PoolLimits` and liveness
+    check.  One per loop (so never shared across loops or threads): :func:`loop_pool`.
+    When the loop shuts down (``asyncio.run`` ending, or ``loop.shutdown_asyncgens()``),
+    every idle session is QUIT within :data:`~.smtp.client.QUIT_TIMEOUT` in all."""
+
+    def __init__(self) -> None:
+        self._idle: dict[SessionKey, list[AsyncSession]] = {}
+        self._keeper: Any = None
+
+    async def acquire(self, key: SessionKey, limits: PoolLimits) -> AsyncSession | None:
+        """A usable idle session for ``key``, or None; unusable ones met are ended."""
+        sessions = self._idle.get(key, [])
+        while sessions:
+            candidate = sessions.pop()  # most recently used first
+            if limits.allow(cast("Session", candidate), time.monotonic()):
+                return candidate
+            await candidate.end()
+        return None
+
+    async def release(self, session: AsyncSession, limits: PoolLimits) -> None:
+        """Keep ``session`` for the next borrower, or end it (broken, worn out, cancelled
+        mid-command, or too many idle already)."""
+        session.idle_since = time.monotonic()
+        sessions = self._idle.setdefault(session.key, [])
+        if limits.allow(cast("Session", session), session.idle_since) and (
+            len(sessions) < MAX_IDLE_PER_KEY
+        ):
+            sessions.append(session)
+            return
+        await session.end()
+
+    async def clear(self, budget: float = QUIT_TIMEOUT) -> None:
+        """End every idle session, QUITting within ``budget`` seconds in all."""
+        sessions = [s for group in self._idle.values() for s in group]
+        self._idle.clear()
+        deadline = time.monotonic() + budget
+        for session in sessions:
+            await session.end(quit_budget=min(QUIT_TIMEOUT, deadline - time.monotonic()))
+
+    def idle_count(self) -> int:
+        """How many sessions wait in the pool."""
+        return sum(len(group) for group in self._idle.values())
+
+
+_POOLS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncPool] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+async def _closing_with_the_loop(pool: AsyncPool) -> Any:
+    """An async generator the loop finalizes at shutdown (``shutdown_asyncgens``): the
+    one hook asyncio gives for "this loop is ending", used to QUIT the pool's sessions."""
+    try:
+        yield
+    finally:
+        await pool.clear()
+
+
+async def loop_pool() -> AsyncPool:
+    """The running loop's pool (made on first use, ended with the loop)."""
+    loop = asyncio.get_running_loop()
+    pool = _POOLS.get(loop)
+    if pool is None:
+        pool = _POOLS[loop] = AsyncPool()
+        pool._keeper = _closing_with_the_loop(pool)
+        await pool._keeper.__anext__()  # registers it with the loop's asyncgen hooks
+    return pool
+
+
 class _Host(Protocol):
     """What the mixin needs from the backend it is mixed into."""
 
@@ -245,7 +317,15 @@ class AsyncBackendMixin:
         session = state.session
         if session is not None and session.is_open:
             return False
-        await _end_session(state)
+        await _end_session(self, state)
+        if self.options.pool:
+            pool = await loop_pool()
+            pooled = await pool.acquire(
+                SessionKey.of(self.options, self.mailer_alias), self._limits
+            )
+            if pooled is not None:
+                state.session = state.last_session = pooled
+                return True
         session = AsyncSession(self.options, self.mailer_alias, self.transcript_listeners)
         state.last_session = session
         try:
@@ -260,7 +340,7 @@ class AsyncBackendMixin:
     async def aclose(self: _Host) -> None:
         """QUIT (falling back to closing) and record the session.  Does not raise for a
         dead server."""
-        await _end_session(_state(self))
+        await _end_session(self, _state(self))
 
     async def asend_messages(self: _Host, email_messages: Sequence[EmailMessage]) -> int:
         """``send_messages()``, awaited: the same count, results, audit rows and exceptions
@@ -279,14 +359,20 @@ class AsyncBackendMixin:
                 return await _send_all(self, state, [m for m in email_messages if m.recipients()])
             finally:
                 if opened:
-                    await _end_session(state)
+                    await _end_session(self, state)
                 elif state.session is not None:
                     await flush_in_thread(state.session.recorder)
 
 
-async def _end_session(state: _AsyncState) -> None:
+async def _end_session(backend: _Host, state: _AsyncState) -> None:
+    """Give the session back to the loop's pool (``pool=True``), or end it."""
     session, state.session = state.session, None
-    if session is not None:
+    if session is None:
+        return
+    if backend.options.pool and session.loop is _running_loop():
+        await flush_in_thread(session.recorder)
+        await (await loop_pool()).release(session, backend._limits)
+    else:
         await session.end()
 
 

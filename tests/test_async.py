@@ -505,3 +505,54 @@ def test_the_mixin_is_what_the_stand_in_adds() -> None:
     assert issubclass(cls, EmailBackend)
     assert issubclass(cls, AsyncBackendMixin)
     assert cls is async_backend.AsyncEmailBackend  # one class, made once
+
+
+# -- the async pool: one per event loop ----------------------------------------------------
+
+
+def test_the_pool_keeps_one_warm_connection_per_loop_and_quits_it_with_the_loop(
+    make: Any,
+) -> None:
+    """Three calls on one loop share one connection; the loop's end QUITs it; a second
+    loop (``asyncio.run`` again) never gets the first loop's session: it opens its own."""
+    with HostileSMTPServer(Script([greet(), respond({})])) as server:
+        backend = make(server, pool=True)
+
+        async def three() -> list[int]:
+            counts = [await backend.asend_messages([message()]) for _ in range(3)]
+            pool = await async_backend.loop_pool()
+            assert pool.idle_count() == 1
+            return counts
+
+        assert run(three()) == [1, 1, 1]
+        assert server.wait_closed(count=1)
+        assert len(server.connections) == 1
+        assert server.connections[0].commands[-1] == b"QUIT"  # the loop's end QUIT it
+        assert run(three()) == [1, 1, 1]
+        assert server.wait_closed(count=2)
+        assert len(server.connections) == 2
+        assert [len(c.messages) for c in server.connections] == [3, 3]
+
+
+def test_the_pool_never_keeps_a_connection_cut_by_a_cancellation(make: Any) -> None:
+    rule, stalled = stalling()
+    with HostileSMTPServer(
+        [Script([greet(), respond({".": rule})]), Script([greet(), respond({})])]
+    ) as server:
+        backend = make(server, pool=True, timeout=5)
+
+        async def main() -> None:
+            task = asyncio.ensure_future(backend.asend_messages([message(subject="cut")]))
+            while not stalled.is_set():
+                await asyncio.sleep(0.005)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert (await async_backend.loop_pool()).idle_count() == 0
+            assert await backend.asend_messages([message(subject="next")]) == 1
+
+        run(main())
+        assert server.wait_closed(count=2, timeout=4)
+        first, second = server.connections
+        assert b"Subject: next" not in first.received
+        assert len(second.messages) == 1
