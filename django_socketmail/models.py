@@ -140,6 +140,8 @@ class MessageLog(models.Model):
             models.Index(fields=["queue_id"], name="socketmail_message_queue_id"),
             models.Index(fields=["message_id"], name="socketmail_message_msgid"),
             models.Index(fields=["sender"], name="socketmail_message_sender"),
+            # A session's page and the list filtered by session: its newest messages.
+            models.Index(fields=["session", "created"], name="socketmail_message_session"),
         ]
 
     def __str__(self) -> str:
