@@ -8,8 +8,9 @@ django-tasks backport on Django 5.2)::
 
 It starts a private PostgreSQL (``tests/pg.py``'s :func:`start_postgres`, stopped at the end),
 configures Django in this process (``settings.configure``: that database, the app, the
-Tasks backend ``dummy`` so that nothing runs a task but us, the audit log on), migrates,
-and measures:
+audit log on, and as the Tasks backend django-tasks-db's, in the same database, as the
+scale-out setup has it: each enqueue is a row; nothing runs those tasks but us; ``--tasks
+dummy`` keeps them in memory instead), migrates, and measures:
 
 a. **The request.**  ``send_mail()`` of a 2 KB message to one recipient, each call in its
    own ``transaction.atomic()`` as a view under ``ATOMIC_REQUESTS`` does (commit included),
@@ -28,10 +29,15 @@ b. **Delivery.**  The outbox emptied, ``--messages`` messages stored, then one
    server's thread excluded) and the PostgreSQL server's CPU (every postgres process's
    utime + stime from ``/proc``); WAL written (``pg_current_wal_lsn``; the server runs
    with ``full_page_writes=off``, so production writes more); and each table's size
-   (``pg_total_relation_size``) after the run and after ``VACUUM FULL``.
+   (``pg_total_relation_size``) after the run and after ``VACUUM FULL``; then the
+   statements of a run that finds nothing due.
+c. **Claiming from a large outbox.**  ``--history`` sent rows and ``--backlog`` due rows
+   inserted by SQL, then ``--claims`` claims of a batch (``Worker.claim``) timed, with the
+   plan of the claim's SELECT; then the same with a partial index on the due rows (created
+   for the measurement, dropped after it).
 
-Not a test: nothing here asserts a time.  ``--markdown`` prints the section that
-``docs/benchmarks.md`` holds.
+Not a test: nothing here asserts a time.  It prints the tables that ``docs/benchmarks.md``
+("Queued delivery (round two)") quotes.
 """
 
 from __future__ import annotations
@@ -67,12 +73,13 @@ DATABASE: Final = "socketmail_bench"
 
 def _body(size: int, seed: int = 20261203) -> str:
     """``size`` characters of pseudo-random lowercase words in lines of about 70: text
-    that compresses about as well as prose (a repeated line would shrink to nothing in
-    PostgreSQL's TOAST and flatter the outbox's size)."""
+    that PostgreSQL's TOAST compression cannot shrink to almost nothing, as it would a
+    repeated line (which would flatter the outbox's size)."""
     import random
 
     pick = random.Random(seed)
-    lines, line = [], ""
+    lines: list[str] = []
+    line = ""
     while sum(len(x) + 1 for x in lines) < size:
         word = "".join(pick.choice("etaoinshrdlcumwfgypbvk") for _ in range(pick.randint(1, 9)))
         if len(line) + len(word) >= 70:
@@ -90,24 +97,27 @@ STORE_CHUNK: Final = 100
 """Messages stored per transaction before the delivery run (not timed)."""
 
 
-def configure(server: PostgresServer, smtp_port: int) -> None:
-    """Django in this process: PostgreSQL, the app, the dummy Tasks backend, queue on."""
+def configure(server: PostgresServer, smtp_port: int, tasks_backend: str) -> None:
+    """Django in this process: PostgreSQL, the app, queue on; the Tasks backend is
+    django-tasks-db's (``"db"``: each enqueue is a row in the same database) or the dummy
+    one (``"dummy"``: enqueued tasks are kept in memory)."""
     import django
     from django.conf import settings
 
     tasks = "django.tasks" if django.VERSION >= (6, 0) else "django_tasks"
+    backend = f"{tasks}.backends.dummy.DummyBackend"
+    apps = ["django.contrib.contenttypes", "django.contrib.auth", "django_socketmail"]
+    if tasks_backend == "db":
+        backend = "django_tasks_db.DatabaseBackend"
+        apps.append("django_tasks_db")
     settings.configure(
         SECRET_KEY="bench-only",
         USE_TZ=True,
         DEBUG=False,
-        INSTALLED_APPS=[
-            "django.contrib.contenttypes",
-            "django.contrib.auth",
-            "django_socketmail",
-        ],
+        INSTALLED_APPS=apps,
         DATABASES={"default": server.settings_dict(DATABASE)},
         DEFAULT_AUTO_FIELD="django.db.models.BigAutoField",
-        TASKS={"default": {"BACKEND": f"{tasks}.backends.dummy.DummyBackend"}},
+        TASKS={"default": {"BACKEND": backend}},
         EMAIL_BACKEND="django_socketmail.email_backend.EmailBackend",
         EMAIL_HOST="127.0.0.1",
         EMAIL_PORT=smtp_port,
@@ -169,6 +179,12 @@ def django_call(port: int) -> Callable[[], None]:
 class Timings:
     label: str
     seconds: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)
+    """This process's CPU seconds per call (the in-process SMTP server's thread included)."""
+
+    @property
+    def cpu_median_ms(self) -> float:
+        return statistics.median(self.cpu) * 1000
 
     @property
     def median_ms(self) -> float:
@@ -192,12 +208,13 @@ def alternate(
     for index in range(WARMUP + calls):
         for position, ((_, call), timing) in enumerate(zip((first, second), timings, strict=True)):
             count.enabled = position == 0 and index >= WARMUP
-            started = time.perf_counter()
+            started, cpu = time.perf_counter(), time.process_time()
             call()
-            elapsed = time.perf_counter() - started
+            elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
             count.enabled = True
             if index >= WARMUP:
                 timing.seconds.append(elapsed)
+                timing.cpu.append(cpu)
     count.calls = calls
     return timings
 
@@ -351,9 +368,12 @@ def table_sizes() -> list[TableSize]:
     from django.apps import apps
     from django.db import connection
 
+    models = list(apps.get_app_config("django_socketmail").get_models())
+    if apps.is_installed("django_tasks_db"):
+        models += apps.get_app_config("django_tasks_database").get_models()
     sizes = []
     with connection.cursor() as cursor:
-        for model in apps.get_app_config("django_socketmail").get_models():
+        for model in models:
             table = model._meta.db_table
             cursor.execute(
                 "SELECT (SELECT count(*) FROM " + table + "), pg_total_relation_size(%s), "
@@ -391,6 +411,8 @@ class Delivery:
     store_wal: int
     store_server_cpu: float
     hot: tuple[int, int]
+    empty: StatementCount
+    empty_wall: float
     received: int
     sizes: list[TableSize]
     message_bytes: int
@@ -423,6 +445,10 @@ def deliver(server: PostgresServer, smtp: Any, messages: int) -> Delivery:
     wal = wal_bytes(wal_start)
     updates = outbox_updates()
     hot = (updates[0] - updates_before[0], updates[1] - updates_before[1])
+    started = time.perf_counter()
+    with counted() as empty:  # a run that finds nothing due (a task per commit does this)
+        Worker("").run()
+    empty_wall = time.perf_counter() - started
     sizes = table_sizes()
     compact_sizes(sizes)
     size = OutboxMessage.objects.aggregate(size=Avg("size"))["size"] or 0
@@ -441,6 +467,8 @@ def deliver(server: PostgresServer, smtp: Any, messages: int) -> Delivery:
         store_wal=store_wal,
         store_server_cpu=store_cpu,
         hot=hot,
+        empty=empty,
+        empty_wall=empty_wall,
         received=len(smtp.messages) - received_before,
         sizes=sizes,
     )
@@ -553,19 +581,24 @@ def report(
         "",
         "**a. `send_mail()` in the request** (2 KB, one recipient, own transaction):",
         "",
-        "| round trip | `queue=True` median | p95 | Django SMTP median | p95 | ratio (medians) |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| round trip | `queue=True` median | p95 | CPU | Django SMTP median | p95 | CPU "
+        "| ratio (medians) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for label, ours, theirs, _ in rounds:
         lines.append(
             f"| {label} | {ours.median_ms:.2f} ms | {ours.p95_ms:.2f} ms | "
-            f"{theirs.median_ms:.2f} ms | {theirs.p95_ms:.2f} ms | "
+            f"{ours.cpu_median_ms:.2f} ms | {theirs.median_ms:.2f} ms | "
+            f"{theirs.p95_ms:.2f} ms | {theirs.cpu_median_ms:.2f} ms | "
             f"{theirs.median_ms / ours.median_ms:.1f}x |"
         )
     stored = rounds[0][3]
     per_call = stored.calls
     in_db = (stored.seconds + stored.commit_seconds) / per_call * 1000
     lines += [
+        "",
+        "CPU: this process's CPU time per call (median); for Django's backend it includes "
+        "the in-process SMTP server's thread.",
         "",
         f"Per queued call at 0 ms: {stored.statements / per_call:.1f} statements "
         f"({_kinds(stored.kinds, per_call)}) and {stored.commits / per_call:.1f} commit "
@@ -593,6 +626,10 @@ def report(
         "",
         f"Outbox row updates in the run: {delivery.hot[0] / n:.2f} per message, "
         f"{delivery.hot[1] / n:.2f} of them HOT (no index entries written).",
+        "",
+        f"A run that finds nothing due (with {n} sent rows in the outbox): "
+        f"{delivery.empty.statements} statements and {delivery.empty.commits} commits "
+        f"({_kinds(delivery.empty.kinds, 1)}), {delivery.empty_wall * 1000:.1f} ms.",
         "",
         f"Storing them (the request side, {STORE_CHUNK} per transaction): "
         f"{delivery.store_statements.statements / n:.2f} statements, "
@@ -665,6 +702,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backlog", type=int, default=100_000, help="due rows for c; 0: skip c")
     parser.add_argument("--history", type=int, default=400_000, help="sent rows for c")
     parser.add_argument("--claims", type=int, default=20, help="claims timed in c")
+    parser.add_argument(
+        "--tasks",
+        choices=["db", "dummy"],
+        default="db",
+        help="the Tasks backend: django-tasks-db (default) or the in-memory dummy",
+    )
     args = parser.parse_args(argv)
 
     from django_socketmail.localserver import LocalSMTPServer
@@ -674,7 +717,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         server.create_database(DATABASE)
         with LocalSMTPServer(tls="none", pipelining=True) as smtp:
-            configure(server, smtp.port)
+            configure(server, smtp.port, args.tasks)
             migrate()
             rounds = []
             with counted() as stored:
@@ -702,7 +745,8 @@ def main(argv: list[str] | None = None) -> int:
                 backlog = claim_at_backlog(args.backlog, args.history, args.claims)
             calls = (
                 f"{args.calls} calls at 0 ms and {args.slow_calls} at 10 ms after {WARMUP} "
-                f"warm-up calls of each, {args.messages} messages delivered"
+                f"warm-up calls of each, {args.messages} messages delivered; Tasks backend: "
+                f"{'django-tasks-db' if args.tasks == 'db' else 'dummy (in memory)'}"
             )
             print()
             print(report(rounds, delivery, calls, (load_before, os.getloadavg()[0]), backlog))
