@@ -35,6 +35,9 @@ c. **Claiming from a large outbox.**  ``--history`` sent rows and ``--backlog`` 
    inserted by SQL, then ``--claims`` claims of a batch (``Worker.claim``) timed, with the
    plan of the claim's SELECT; then the same with a partial index on the due rows (created
    for the measurement, dropped after it).
+d. **Runs that find every connection slot held.**  ``max_connections=1`` with its slot
+   leased by another worker, ``--chain-requests`` requests of one message each, then three
+   rounds of running every pending task: how many are pending after each round.
 
 Not a test: nothing here asserts a time.  It prints the tables that ``docs/benchmarks.md``
 ("Queued delivery (round two)") quotes.
@@ -561,6 +564,44 @@ def _claims(claims: int) -> tuple[list[float], str]:
     return timings, plan
 
 
+# -- d. runs that find every connection slot held ----------------------------------------
+
+
+def chains(requests: int, rounds: int) -> list[tuple[int, int]]:
+    """With ``max_connections=1`` and the one slot held by another (live) worker: store
+    ``requests`` messages, one per request, then ``rounds`` times run every pending task
+    (``Worker("").run()`` in-process, as ``db_worker`` would, then marked done); return
+    (tasks run, tasks pending after) per round.  Needs the django-tasks-db backend."""
+    from datetime import timedelta
+
+    from django.conf import settings
+    from django.utils import timezone
+    from django_tasks_db.models import DBTaskResult
+
+    from django_socketmail.outbox import MailerSlot
+    from django_socketmail.worker import Worker
+
+    truncate_app_tables()
+    DBTaskResult.objects.all().delete()
+    socketmail: dict[str, Any] = getattr(settings, "SOCKETMAIL")  # noqa: B009
+    socketmail["max_connections"] = 1
+    try:
+        expires = timezone.now() + timedelta(minutes=5)
+        MailerSlot.objects.create(mailer="", number=0, holder="another-worker", expires=expires)
+        for _ in range(requests):
+            queued_call()
+        counts = []
+        for _ in range(rounds):
+            pending = list(DBTaskResult.objects.filter(status="READY"))
+            for task in pending:
+                Worker("").run()
+                DBTaskResult.objects.filter(pk=task.pk).update(status="SUCCESSFUL")
+            counts.append((len(pending), DBTaskResult.objects.filter(status="READY").count()))
+        return counts
+    finally:
+        del socketmail["max_connections"]
+
+
 # -- report --------------------------------------------------------------------------------
 
 
@@ -570,6 +611,7 @@ def report(
     calls: str,
     load: tuple[float, float],
     backlog: Backlog | None,
+    chained: list[tuple[int, int]] | None,
 ) -> str:
     n = delivery.messages
     s = delivery.statements
@@ -677,6 +719,14 @@ def report(
             backlog.indexed_plan,
             "```",
         ]
+    if chained:
+        steps = "; ".join(f"ran {ran}, then {left} pending" for ran, left in chained)
+        lines += [
+            "",
+            f"**d. Runs that find the only connection slot held** (`max_connections=1`, the "
+            f"slot leased by another worker; {chained[0][0]} requests of one message, then "
+            f"every pending task run in turn): {steps}.",
+        ]
     return "\n".join(lines)
 
 
@@ -702,6 +752,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backlog", type=int, default=100_000, help="due rows for c; 0: skip c")
     parser.add_argument("--history", type=int, default=400_000, help="sent rows for c")
     parser.add_argument("--claims", type=int, default=20, help="claims timed in c")
+    parser.add_argument("--chain-requests", type=int, default=5, help="requests for d; 0: skip")
     parser.add_argument(
         "--tasks",
         choices=["db", "dummy"],
@@ -743,13 +794,17 @@ def main(argv: list[str] | None = None) -> int:
             backlog = None
             if args.backlog:
                 backlog = claim_at_backlog(args.backlog, args.history, args.claims)
+            chained = None
+            if args.chain_requests and args.tasks == "db":
+                chained = chains(args.chain_requests, 3)
             calls = (
                 f"{args.calls} calls at 0 ms and {args.slow_calls} at 10 ms after {WARMUP} "
                 f"warm-up calls of each, {args.messages} messages delivered; Tasks backend: "
                 f"{'django-tasks-db' if args.tasks == 'db' else 'dummy (in memory)'}"
             )
             print()
-            print(report(rounds, delivery, calls, (load_before, os.getloadavg()[0]), backlog))
+            load = (load_before, os.getloadavg()[0])
+            print(report(rounds, delivery, calls, load, backlog, chained))
     finally:
         from django.conf import settings
 
