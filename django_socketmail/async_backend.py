@@ -29,7 +29,7 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Final, Protocol, cast
 
 from asgiref.sync import sync_to_async
 
@@ -55,6 +55,9 @@ if TYPE_CHECKING:
 __all__ = ["AsyncBackendMixin", "AsyncEmailBackend", "AsyncSession", "flush_in_thread"]
 
 logger = logging.getLogger("django_socketmail")
+
+BATCH_MESSAGES: Final = 500
+"""Most messages in one coalesced run (as the sync backend's runs)."""
 
 
 async def flush_in_thread(recorder: Recorder) -> None:
@@ -241,6 +244,191 @@ async def loop_pool() -> AsyncPool:
     return pool
 
 
+DEFAULT_MAX_CONNECTIONS: Final = 3
+"""Most connections the coalesced runs of one mailer use at once (Microsoft 365 allows 3
+concurrent connections per mailbox)."""
+
+
+class _Request:
+    """One caller's message waiting for (or in) a coalesced run."""
+
+    __slots__ = ("accepted", "backend", "future", "message", "tries")
+
+    def __init__(self, backend: _Host, message: EmailMessage) -> None:
+        self.backend = backend
+        self.message = message
+        self.future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self.tries: dict[int, int] = {}
+        self.accepted = 0
+
+
+class Coalescer:
+    """Concurrent sends of one mailer (one :class:`~.session.SessionKey`) on one event loop,
+    joined into pipelined runs: each run takes every message waiting when it starts and
+    sends them in one :meth:`AsyncSession.send` on a pooled connection, while the next
+    callers queue for the run after it.  At most ``max_connections`` runs are in flight at
+    once, each on its own connection.  Each caller gets its own count, its own
+    ``socketmail_result`` and its own exception (as ``asend_messages([message])`` alone
+    would give it); a message whose connection broke before it can have been delivered
+    joins a later run (at most :data:`~.email_backend.MAX_RETRIES` times).  The runs are
+    tasks of their own: a caller cancelled while its message is in a run does not cut the
+    connection the others share (the message finishes and is recorded)."""
+
+    def __init__(self, key: SessionKey, max_connections: int = DEFAULT_MAX_CONNECTIONS) -> None:
+        self.key = key
+        self.max_connections = max_connections
+        self.waiting: deque[_Request] = deque()
+        self.runners: set[asyncio.Task[None]] = set()
+        self.busy = 0
+        self.connections_opened = 0
+
+    async def submit(self, backend: _Host, messages: Sequence[EmailMessage]) -> int:
+        """Send ``messages`` (one, or any number with ``fail_silently``) in the next runs;
+        the count the server accepted, or the first error unless ``fail_silently``."""
+        requests = [_Request(backend, m) for m in messages]
+        self.waiting.extend(requests)
+        self._spawn()
+        counts = await asyncio.gather(*(r.future for r in requests))
+        return sum(counts)
+
+    def _spawn(self) -> None:
+        idle_runners = len(self.runners) - self.busy
+        if self.waiting and idle_runners <= 0 and len(self.runners) < self.max_connections:
+            task = asyncio.ensure_future(self._runner())
+            self.runners.add(task)
+            task.add_done_callback(self.runners.discard)
+
+    async def _runner(self) -> None:
+        session: AsyncSession | None = None
+        backend: _Host | None = None
+        try:
+            while self.waiting:
+                run = [
+                    self.waiting.popleft() for _ in range(min(len(self.waiting), BATCH_MESSAGES))
+                ]
+                backend = run[0].backend
+                self.busy += 1
+                finished: list[tuple[_Request, BaseException | None]] = []
+                try:
+                    if session is None or not session.is_open:
+                        if session is not None:
+                            await _release(backend, session)
+                        session = await self._session(backend, run, finished)
+                    if session is not None:
+                        await self._run(session, run, finished)
+                        if not self.waiting or not session.is_open:
+                            # Back in the pool before the callers hear: a caller that
+                            # returns finds its connection pooled.
+                            held, session = session, None
+                            await _release(backend, held)
+                except BaseException as failure:
+                    # A bug or the loop's shutdown: nobody may wait for ever.
+                    told = {id(request) for request, _ in finished}
+                    finished += [(r, failure) for r in run if id(r) not in told]
+                    raise
+                finally:
+                    self.busy -= 1
+                    for request, error in finished:
+                        _finish(request, error)
+                    self._spawn()
+        finally:
+            if session is not None and backend is not None:
+                await _release(backend, session)
+
+    async def _session(
+        self,
+        backend: _Host,
+        run: list[_Request],
+        finished: list[tuple[_Request, BaseException | None]],
+    ) -> AsyncSession | None:
+        pool = await loop_pool()
+        session = await pool.acquire(self.key, backend._limits)
+        if session is not None:
+            return session
+        session = AsyncSession(backend.options, backend.mailer_alias, backend.transcript_listeners)
+        self.connections_opened += 1
+        try:
+            await session.open()
+        except SocketMailError as error:
+            for request in run:
+                finished.append((request, None if request.backend.fail_silently else error))
+            return None
+        return session
+
+    async def _run(
+        self,
+        session: AsyncSession,
+        run: list[_Request],
+        finished: list[tuple[_Request, BaseException | None]],
+    ) -> None:
+        items: list[tuple[_Request, tuple[EmailMessage, Transaction, list[bytes]]]] = []
+        for request in run:
+            batch, refused = request.backend._next_batch(
+                deque([request.message]), cast("Session", session)
+            )
+            if refused is not None:
+                request.backend._record(session.recorder, *refused[:3])
+                finished.append((request, refused[3]))
+            elif not batch:
+                finished.append((request, None))  # unsendable and fail_silently: recorded
+            else:
+                items.append((request, batch[0]))
+        if not items:
+            return
+        outcome = await session.send([item[1] for _, item in items], stop_on_error=False)
+        for request, item in items:
+            result = item[1].result
+            mine = Batch(
+                stop_on_error=False,
+                errors=[(r, e) for r, e in outcome.errors if r is result],
+                unattempted=[t for t in outcome.unattempted if t.result is result],
+                lost=outcome.lost,
+                lost_behind_dot=outcome.lost_behind_dot,
+            )
+            accepted, retry = request.backend._settle_batch(
+                [item], mine, session.recorder, request.tries
+            )
+            request.accepted += accepted
+            if retry:
+                self.waiting.append(request)
+            elif mine.errors and not request.backend.fail_silently:
+                finished.append((request, mine.errors[0][1]))
+            else:
+                finished.append((request, None))
+
+
+def _finish(request: _Request, error: BaseException | None) -> None:
+    if request.future.done():
+        return  # the caller was cancelled: the result is on its message all the same
+    if isinstance(error, asyncio.CancelledError):
+        request.future.cancel()
+    elif error is not None:
+        request.future.set_exception(error)
+    else:
+        request.future.set_result(request.accepted)
+
+
+async def _release(backend: _Host, session: AsyncSession) -> None:
+    await flush_in_thread(session.recorder)
+    await (await loop_pool()).release(session, backend._limits)
+
+
+_COALESCERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[SessionKey, Coalescer]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _coalescer(backend: _Host) -> Coalescer:
+    """The running loop's coalescer for the backend's mailer."""
+    loop = asyncio.get_running_loop()
+    by_key = _COALESCERS.setdefault(loop, {})
+    key = SessionKey.of(backend.options, backend.mailer_alias)
+    coalescer = by_key.get(key)
+    if coalescer is None:
+        coalescer = by_key[key] = Coalescer(key)
+    return coalescer
+
+
 class _Host(Protocol):
     """What the mixin needs from the backend it is mixed into."""
 
@@ -351,6 +539,15 @@ class AsyncBackendMixin:
         if getattr(self.options, "queue", False):
             return await sync_to_async(self.send_messages)(email_messages)
         state = _state(self)
+        if (
+            self.options.pool
+            and state.session is None
+            and (len(email_messages) == 1 or self.fail_silently)
+        ):
+            # Outside ``async with``: join the mailer's next pipelined run (see Coalescer).
+            return await _coalescer(self).submit(
+                self, [m for m in email_messages if m.recipients()]
+            )
         async with state.lock():
             opened = await AsyncBackendMixin.aopen(self)
             if state.session is None or opened is None:

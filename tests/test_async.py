@@ -35,6 +35,7 @@ from django_socketmail.email_backend import EmailBackend
 from django_socketmail.localserver import LocalSMTPServer
 from django_socketmail.models import MessageLog, SessionLog
 from django_socketmail.smtp import (
+    ConnectError,
     RecipientsRefused,
     RecipientStatus,
     SendResult,
@@ -52,6 +53,7 @@ from .hostile.server import (
     close,
     drip,
     greet,
+    reply,
     respond,
     sleep,
 )
@@ -537,20 +539,28 @@ def test_the_pool_keeps_one_warm_connection_per_loop_and_quits_it_with_the_loop(
         assert [len(c.messages) for c in server.connections] == [3, 3]
 
 
-def test_the_pool_never_keeps_a_connection_cut_by_a_cancellation(make: Any) -> None:
+def test_a_caller_cancelled_in_a_coalesced_run_does_not_cut_the_shared_connection(
+    make: Any,
+) -> None:
+    """With ``pool=True`` the run is the mailer's, not the caller's: cancelling the caller
+    leaves the run going; the server then hangs up without a final reply, so the message
+    is UNKNOWN (not SENT), the broken connection is not pooled, and the next call opens a
+    new one."""
     rule, stalled = stalling()
-    with HostileSMTPServer(
-        [Script([greet(), respond({".": rule})]), Script([greet(), respond({})])]
-    ) as server:
+    scripts = [Script([greet(), respond({".": rule})]), Script([greet(), respond({})])]
+    with HostileSMTPServer(scripts) as server:
         backend = make(server, pool=True, timeout=5)
+        cut = message(subject="cut")
 
         async def main() -> None:
-            task = asyncio.ensure_future(backend.asend_messages([message(subject="cut")]))
+            task = asyncio.ensure_future(backend.asend_messages([cut]))
             while not stalled.is_set():
                 await asyncio.sleep(0.005)
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task
+            while not hasattr(cut, "socketmail_result"):  # the run goes on without it
+                await asyncio.sleep(0.01)
             assert (await async_backend.loop_pool()).idle_count() == 0
             assert await backend.asend_messages([message(subject="next")]) == 1
 
@@ -559,3 +569,95 @@ def test_the_pool_never_keeps_a_connection_cut_by_a_cancellation(make: Any) -> N
         first, second = server.connections
         assert b"Subject: next" not in first.received
         assert len(second.messages) == 1
+    assert result_of(cut).status is SendStatus.UNKNOWN
+    assert isinstance(result_of(cut).error, ServerDisconnected)
+
+
+def rcpt_refusing_nobody(conn: Connection, line: bytes) -> None:
+    if b"nobody" in line:
+        conn.reply(550, "5.1.1 User unknown")
+    else:
+        conn.reply(250, "2.1.5 Ok")
+
+
+@pytest.mark.parametrize("cap", [1, 3])
+def test_concurrent_sends_coalesce_into_few_runs_within_the_connection_cap(
+    make: Any, cap: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One call, then 59 more while its run is under way (one message each; every fifth to a
+    refused recipient): at most ``cap`` connections, a handful of pipelined runs, not 60,
+    every message delivered once, and each caller gets its own count or its own
+    ``RecipientsRefused``."""
+    runs: list[int] = []
+    send = async_backend.AsyncSession.send
+
+    async def counting(self: Any, transactions: Any, *, stop_on_error: bool) -> Any:
+        runs.append(len(transactions))
+        return await send(self, transactions, stop_on_error=stop_on_error)
+
+    monkeypatch.setattr(async_backend.AsyncSession, "send", counting)
+    script = Script([greet(), respond({"RCPT": rcpt_refusing_nobody})])
+    with HostileSMTPServer(script) as server:
+        backend = make(server, pool=True)
+        to = [["nobody@example.com"] if i % 5 == 4 else [f"r{i}@example.com"] for i in range(60)]
+        msgs = [message(t, subject=f"n{i}") for i, t in enumerate(to)]
+
+        async def main() -> list[Any]:
+            async_backend._coalescer(backend).max_connections = cap
+            first = asyncio.ensure_future(backend.asend_messages(msgs[:1]))
+            await asyncio.sleep(0.005)  # the first run is under way: the rest must wait
+            rest = [backend.asend_messages([m]) for m in msgs[1:]]
+            return await asyncio.gather(first, *rest, return_exceptions=True)
+
+        outcomes = run(main())
+        assert server.wait_closed(count=len(server.connections))
+    assert 1 <= len(server.connections) <= cap
+    if cap == 1:  # the 59 that came while the first run was under way: one run after it
+        assert runs == [1, 59]
+    assert sum(runs) == 60
+    assert len(runs) <= 2 * cap + 2, runs
+    for i, outcome in enumerate(outcomes):
+        if i % 5 == 4:
+            assert isinstance(outcome, RecipientsRefused), outcome
+            assert result_of(msgs[i]).status is SendStatus.REFUSED
+        else:
+            assert outcome == 1, outcome
+            assert result_of(msgs[i]).status is SendStatus.SENT
+    # (a transaction whose recipients were all refused sends no content: nothing to count)
+    delivered = [m for c in server.connections for m in c.messages if b"Subject: n" in m]
+    subjects = sorted(int(m.split(b"Subject: n")[1].split(b"\r\n")[0]) for m in delivered)
+    assert subjects == [i for i in range(60) if i % 5 != 4]
+
+
+def test_coalesced_callers_each_hear_an_opening_failure(make: Any) -> None:
+    """The connection of a coalesced run cannot be opened: each caller gets the error
+    (or 0 with ``fail_silently``), as ``asend_messages`` alone would give it."""
+    with HostileSMTPServer(Script([reply(554, "5.3.2 go away"), close()])) as server:
+        loud, quiet = make(server, pool=True), make(server, pool=True, fail_silently=True)
+
+        async def main() -> list[Any]:
+            calls = [loud.asend_messages([message()]), quiet.asend_messages([message()])]
+            return await asyncio.gather(*calls, return_exceptions=True)
+
+        outcomes = run(main())
+    assert isinstance(outcomes[0], ConnectError)
+    assert outcomes[0].smtp_code == 554
+    assert outcomes[1] == 0
+
+
+def test_a_failing_run_never_leaves_its_callers_waiting(
+    make: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def broken(self: Any, transactions: Any, *, stop_on_error: bool) -> Any:
+        raise RuntimeError("a bug in a run")
+
+    monkeypatch.setattr(async_backend.AsyncSession, "send", broken)
+    with HostileSMTPServer(Script([greet(), respond({})])) as server:
+        backend = make(server, pool=True)
+
+        async def main() -> list[Any]:
+            calls = [backend.asend_messages([message()]) for _ in range(3)]
+            return await asyncio.gather(*calls, return_exceptions=True)
+
+        outcomes = run(main())
+    assert [type(o) for o in outcomes] == [RuntimeError] * 3
