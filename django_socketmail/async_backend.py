@@ -18,6 +18,9 @@ loop that opened it; on another loop it is not reused.
 Cancellation: cancelling ``asend_messages()`` abandons its connection (the driver tells the
 engine, so no message is reported SENT that the server did not accept), records every
 message of the run in flight with its truthful result, ends the session and re-raises.
+With ``pool=True`` outside ``async with``, sends are coalesced (:class:`Coalescer`): the
+run belongs to the mailer, so a cancelled caller stops waiting while its message finishes
+(and is recorded) with the others'.
 """
 
 from __future__ import annotations
