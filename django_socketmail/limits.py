@@ -59,6 +59,7 @@ class Limits:
         self.max_connections, self.rate = max_connections, rate
         self.alias = router.db_for_write(MailerState)
         self.slot: int | None = None
+        self._throttles: int | None = None
 
     # -- connections ------------------------------------------------------------------
 
@@ -132,6 +133,7 @@ class Limits:
         """A throttle reply: pause the mailer, longer each time in a row."""
         state = self._state()
         pause = min(MAX_PAUSE, THROTTLE_PAUSE * 2**state.throttles)
+        self._throttles = None
         MailerState.objects.using(self.alias).filter(mailer=self.mailer).update(
             throttles=F("throttles") + 1,
             paused_until=timezone.now() + timedelta(seconds=pause),
@@ -139,10 +141,14 @@ class Limits:
         )
 
     def relieved(self) -> None:
-        """A success: the next throttle reply pauses from the start again."""
+        """A success: the next throttle reply pauses from the start again (no write when the
+        state last read had no throttles)."""
+        if self._throttles == 0:
+            return
         MailerState.objects.using(self.alias).filter(mailer=self.mailer, throttles__gt=0).update(
             throttles=0
         )
+        self._throttles = 0
 
     def down(self, seconds: float) -> None:
         """The mailer's server failed: pass it over for its failover for ``seconds``."""
@@ -162,4 +168,5 @@ class Limits:
                 state, _ = MailerState.objects.using(self.alias).get_or_create(mailer=self.mailer)
         except IntegrityError:
             state = MailerState.objects.using(self.alias).get(mailer=self.mailer)
+        self._throttles = state.throttles
         return state  # type: ignore[no-any-return]

@@ -109,7 +109,13 @@ class OutboxMessage(models.Model):
         verbose_name_plural = _("outbox")
         ordering: ClassVar[list[str]] = ["-created"]
         indexes: ClassVar[list[models.Index]] = [
-            models.Index(fields=["mailer", "status", "next_attempt"], name="socketmail_outbox_due"),
+            # The claim: due rows of one mailer, oldest first; partial, so that sent rows
+            # (most of the table) are not in it and no sort of the backlog is needed.
+            models.Index(
+                fields=["mailer", "next_attempt", "id"],
+                condition=models.Q(status__in=["queued", "deferred"]),
+                name="socketmail_outbox_due",
+            ),
             models.Index(fields=["status", "lease_expires"], name="socketmail_outbox_lease"),
             models.Index(fields=["created"], name="socketmail_outbox_created"),
             models.Index(fields=["message_id"], name="socketmail_outbox_msgid"),
@@ -145,6 +151,12 @@ class MailerState(models.Model):
     throttles = models.PositiveIntegerField(_("throttle replies in a row"), default=0)
     down_until = models.DateTimeField(
         _("server skipped for its fallbacks until"), null=True, blank=True
+    )
+    run_requested = models.DateTimeField(
+        _("delivery run enqueued at"),
+        null=True,
+        blank=True,
+        help_text=_("Set when a run is enqueued, cleared when it starts."),
     )
     last_throttle_reply = models.TextField(_("last throttle reply"), blank=True)
 

@@ -49,12 +49,12 @@ from dataclasses import asdict
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Final
 
-from django.db import router, transaction
-from django.db.models import F
+from django.db import IntegrityError, router, transaction
+from django.db.models import F, Q
 from django.utils import timezone
 
 from . import signals
-from .outbox import OutboxContent, OutboxMessage, OutboxStatus
+from .outbox import MailerState, OutboxContent, OutboxMessage, OutboxStatus
 from .serializer import serialize_parts
 from .smtp import RecipientResult, SendResult
 from .smtp.address import prepare_address
@@ -84,6 +84,8 @@ __all__ = [
 logger = logging.getLogger("django_socketmail")
 
 LEASE: Final = timedelta(minutes=5)
+RUN_PENDING: Final = timedelta(seconds=60)
+"""A run enqueued this recently and not yet started counts as pending (after that, as lost)."""
 """How long a claim holds before another worker may recover it (renewed while writing)."""
 
 
@@ -129,14 +131,20 @@ def store(backend: EmailBackend, messages: Sequence[EmailMessage]) -> int:
 
 def enqueue(mailer: str, tasks_alias: str, *, at: datetime | None = None) -> None:
     """Enqueue :func:`deliver` for ``mailer`` on the Tasks backend ``tasks_alias`` (at ``at``
-    when the backend can defer); an enqueue failure is logged: the rows wait for the next
-    run or ``socketmail_queue --deliver``."""
+    when the backend can defer).  A run to start now is enqueued only when none is pending
+    (one enqueued less than :data:`RUN_PENDING` ago and not started yet will claim the new
+    rows too), so a burst of requests makes one run, not one each.  An enqueue failure is
+    logged: the rows wait for the next run or ``socketmail_queue --deliver``."""
+    if at is None and not _request_run(mailer):
+        return
     try:
         runner = deliver.using(backend=tasks_alias)
         if at is not None:
             runner = runner.using(run_after=at)
         runner.enqueue(mailer)
     except Exception:
+        if at is None:
+            run_started(mailer)  # let the next request try again
         logger.exception(
             "django-socketmail: could not enqueue delivery for mailer %r; the messages stay "
             "queued for the next run (or manage.py socketmail_queue --deliver)",
@@ -150,6 +158,26 @@ def kick(mailer: str) -> None:
     tasks_alias = sending_backend(mailer).options.task_backend
     alias = router.db_for_write(OutboxMessage)
     transaction.on_commit(lambda: enqueue(mailer, tasks_alias), using=alias)
+
+
+def _request_run(mailer: str) -> bool:
+    """Mark a run as pending for ``mailer``; False when one already is."""
+    alias = router.db_for_write(MailerState)
+    states = MailerState.objects.using(alias)
+    now = timezone.now()
+    try:
+        with transaction.atomic(using=alias):
+            states.get_or_create(mailer=mailer)
+    except IntegrityError:  # made at the same moment by another process
+        pass
+    free = Q(run_requested__isnull=True) | Q(run_requested__lt=now - RUN_PENDING)
+    return bool(states.filter(free, mailer=mailer).update(run_requested=now))
+
+
+def run_started(mailer: str) -> None:
+    """A run for ``mailer`` starts (before it claims): later commits enqueue again."""
+    alias = router.db_for_write(MailerState)
+    MailerState.objects.using(alias).filter(mailer=mailer).update(run_requested=None)
 
 
 @task()

@@ -16,7 +16,7 @@ from django.utils import timezone
 from . import signals
 from .limits import Limits, is_throttle
 from .outbox import DUE, OutboxContent, OutboxMessage, OutboxStatus
-from .queue import LEASE, delivery_from_json, enqueue, recover, sending_backend
+from .queue import LEASE, delivery_from_json, enqueue, recover, run_started, sending_backend
 from .smtp import SendResult, SendStatus, SocketMailError
 from .smtp.engine import Write
 from .smtp.errors import ReplyError
@@ -58,6 +58,7 @@ class Worker:
     def run(self) -> dict[str, int]:
         """Recover expired leases, then claim and send due messages for up to
         :data:`RUN_BUDGET` seconds, within the mailer's shared limits."""
+        run_started(self.mailer)
         recover(self.mailer)
         backend = sending_backend(self.mailer)
         options = self.options = backend.options

@@ -415,3 +415,21 @@ def test_audit_rows_link_to_their_outbox_row() -> None:
     attempts = list(MessageLog.objects.order_by("pk"))
     assert [(a.outbox_id, a.status) for a in attempts] == [(row.pk, "failed"), (row.pk, "sent")]
     assert list(row.logged_attempts.order_by("pk")) == attempts
+
+
+def test_a_burst_of_requests_enqueues_one_run_until_it_starts() -> None:
+    try:
+        from django.tasks import task_backends
+    except ImportError:
+        from django_tasks import task_backends  # type: ignore[no-redef]
+
+    dummy = task_backends["dummy"]
+    dummy.clear()
+    with HostileSMTPServer([standard_session()]) as server, mailer_at(server, task_backend="dummy"):
+        for n in range(5):
+            queued().send_messages([message(f"burst {n}")])
+        assert len(dummy.results) == 1  # one pending run claims all five
+        assert Worker("").run() == {"sent": 5}
+        queued().send_messages([message("after")])
+        assert len(dummy.results) == 2  # the run started: the next commit enqueues
+    dummy.clear()
