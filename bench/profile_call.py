@@ -42,6 +42,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Final
 
+if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
+    # Run as a script, bench/ comes first on sys.path, where a module of this directory
+    # (bench/queue.py) would shadow the standard library's (asgiref and concurrent.futures
+    # import queue).
+    del sys.path[0]
 REPO: Final = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))

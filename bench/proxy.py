@@ -59,6 +59,12 @@ from dataclasses import asdict, dataclass, field
 from types import TracebackType
 from typing import Any, Final
 
+if sys.path and os.path.realpath(sys.path[0] or ".") == os.path.dirname(os.path.realpath(__file__)):
+    # Run as a script, bench/ comes first on sys.path, where a module of this directory
+    # (bench/queue.py) would shadow the standard library's (asgiref and concurrent.futures
+    # import queue).
+    del sys.path[0]
+
 __all__ = ["DelayProxy", "ProxyProcess", "Route", "RouteStats"]
 
 HOST: Final = "127.0.0.1"
