@@ -22,6 +22,7 @@ import django
 from django.core.exceptions import ImproperlyConfigured
 from django.core.mail.backends.base import BaseEmailBackend
 
+from .async_backend import AsyncBackendMixin
 from .audit import AuditRecorder
 from .conf import OPTIONS, BackendOptions, resolve_options
 from .pool import POOL, PoolLimits
@@ -67,7 +68,7 @@ content went out) is sent again on a new connection within one call."""
 _HAS_MAILERS: Final = django.VERSION >= (6, 1)
 
 
-class EmailBackend(BaseEmailBackend):
+class EmailBackend(AsyncBackendMixin, BaseEmailBackend):
     """Send mail through django-socketmail's own SMTP client and record it in the audit log."""
 
     def __init__(
