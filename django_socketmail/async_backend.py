@@ -41,7 +41,7 @@ from .pool import MAX_IDLE_PER_KEY
 from .session import SessionKey, _learn_no_dot_pipelining, learned_no_dot_pipelining
 from .smtp import RecipientStatus, SMTPClient, SocketMailError, Transcript
 from .smtp.aio import AsyncSMTPClient, SendCancelledError
-from .smtp.client import QUIT_TIMEOUT
+from .smtp.driver import QUIT_TIMEOUT
 from .smtp.engine import Batch
 from .smtp.transaction import Transaction
 from .smtp.transcript import Listener

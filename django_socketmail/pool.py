@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from .session import Session, SessionKey
-from .smtp.client import QUIT_TIMEOUT
+from .smtp.driver import QUIT_TIMEOUT
 
 __all__ = ["POOL", "ConnectionPool", "PoolLimits", "close_pool"]
 

@@ -22,7 +22,7 @@ from django.views.decorators.debug import sensitive_variables
 
 from .audit import AuditRecorder
 from .smtp import ClientConfig, SMTPClient, SocketMailError, Transcript
-from .smtp.client import QUIT_TIMEOUT
+from .smtp.driver import QUIT_TIMEOUT
 from .smtp.engine import Batch
 from .smtp.transaction import Transaction
 from .smtp.transcript import Listener

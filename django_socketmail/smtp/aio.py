@@ -31,11 +31,9 @@ from collections import deque
 from collections.abc import Awaitable, Sequence
 from typing import Any, Final, TypeVar, cast
 
-from .client import CHUNK, QUIT_TIMEOUT, WRITE_ALLOWANCE_BYTES, _chunks
-from .config import ClientConfig, SessionInfo, TLSMode
-from .content import Content
-from .delivery import DeliveryOptions
-from .engine import CLOSE, DONE, RECEIVE, START_TLS, Batch, Engine, Settled, Write
+from .config import ClientConfig, TLSMode
+from .driver import CHUNK, QUIT_TIMEOUT, DriverBase, chunks
+from .engine import CLOSE, DONE, RECEIVE, START_TLS, Batch, Settled, Write
 from .errors import (
     LocalProtocolError,
     ServerDisconnected,
@@ -43,7 +41,7 @@ from .errors import (
     SocketMailError,
     TLSError,
 )
-from .protocol import SessionState, SMTPConnection
+from .protocol import SessionState
 from .transaction import Transaction
 from .transcript import Transcript
 from .transport import (
@@ -165,7 +163,7 @@ async def _bounded(awaitable: Awaitable[_T], deadline: float) -> _T:
     return task.result()
 
 
-class AsyncSMTPClient:
+class AsyncSMTPClient(DriverBase):
     """One SMTP session over an asyncio transport.  Not task-safe: the caller serializes use
     (one operation at a time).
 
@@ -184,42 +182,20 @@ class AsyncSMTPClient:
         transcript: Transcript | None = None,
         pipeline_after_dot: bool = True,
     ) -> None:
-        self.config = config
-        self.engine = Engine(config, transcript, pipeline_after_dot=pipeline_after_dot)
+        super().__init__(config, transcript=transcript, pipeline_after_dot=pipeline_after_dot)
         self._sock: socket.socket | None = None
         """The connected socket until a transport owns it (implicit TLS: the handshake)."""
         self._stream: _Stream | None = None
-        self._pid = os.getpid()
-        self._deadline = 0.0
-        self._cap = float("inf")
-        self._progress = 0
 
     def __repr__(self) -> str:
         state = "connected" if self.is_connected else "closed"
         return f"<AsyncSMTPClient {self.config.host}:{self.config.port} {state}>"
 
     @property
-    def transcript(self) -> Transcript:
-        return self.engine.transcript
-
-    @property
-    def protocol(self) -> SMTPConnection:
-        return self.engine.conn
-
-    @property
-    def info(self) -> SessionInfo:
-        return self.engine.info
-
-    @property
     def is_connected(self) -> bool:
         """True while the transport is open and the session usable."""
         stream = self._stream
         return stream is not None and not stream.eof and self.engine.usable
-
-    @property
-    def is_encrypted(self) -> bool:
-        """True once the session runs under TLS."""
-        return self.info.tls_version is not None
 
     # -- opening -----------------------------------------------------------------------
 
@@ -391,16 +367,6 @@ class AsyncSMTPClient:
 
     # -- sending -----------------------------------------------------------------------
 
-    def prepare(
-        self,
-        mail_from: str,
-        recipients: Sequence[str],
-        message: Content,
-        delivery: DeliveryOptions | None = None,
-    ) -> Transaction:
-        """Check one message against the session; see :meth:`.engine.Engine.prepare`."""
-        return self.engine.prepare(mail_from, recipients, message, delivery)
-
     async def send(
         self, transactions: Sequence[Transaction], *, stop_on_error: bool = False
     ) -> Batch:
@@ -500,16 +466,8 @@ class AsyncSMTPClient:
         finally:
             self._cap = float("inf")
 
-    @staticmethod
-    def _stamp(action: Settled) -> None:
-        now = time.time()
-        for result in action.results:
-            result.elapsed = max(0.0, now - result.started)
-
-    def _restart_clock(self, seconds: float | None = None) -> None:
-        loop = asyncio.get_running_loop()
-        self._deadline = loop.time() + (self.config.timeout if seconds is None else seconds)
-        self._progress = self.engine.conn.replies_received
+    def _now(self) -> float:
+        return asyncio.get_running_loop().time()
 
     def _require_stream(self) -> _Stream:
         stream = self._stream
@@ -518,15 +476,10 @@ class AsyncSMTPClient:
         return stream
 
     async def _write(self, action: Write) -> None:
-        now = time.time()
-        for result in action.started:
-            result.started = now
-        parts = action.parts
-        size = sum(map(len, parts))
-        self._restart_clock(self.config.timeout * (1 + size // WRITE_ALLOWANCE_BYTES))
+        self._write_begins(action)
         written = 0
         try:
-            for index, data in _chunks(parts):
+            for index, data in chunks(action.parts):
                 await self._send_all(data)
                 written = index
         except SocketMailError as error:

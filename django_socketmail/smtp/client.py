@@ -21,12 +21,10 @@ import socket
 import ssl
 import time
 from collections.abc import Callable, Sequence
-from typing import Final
 
 from .config import DEFAULT_TIMEOUT, ClientConfig, SessionInfo, TLSMode
-from .content import Content
-from .delivery import DeliveryOptions
-from .engine import CLOSE, DONE, RECEIVE, START_TLS, Batch, Engine, Settled, Write
+from .driver import CHUNK, QUIT_TIMEOUT, RECV_SIZE, DriverBase, chunks
+from .engine import CLOSE, DONE, RECEIVE, START_TLS, Batch, Settled, Write
 from .errors import (
     LocalProtocolError,
     ServerDisconnected,
@@ -34,7 +32,7 @@ from .errors import (
     SocketMailError,
     TLSError,
 )
-from .protocol import SessionState, SMTPConnection
+from .protocol import SessionState
 from .transaction import Transaction
 from .transcript import Transcript
 from .transport import (
@@ -58,18 +56,8 @@ __all__ = [
     "ssl_context",
 ]
 
-QUIT_TIMEOUT: Final = 5.0
-"""Most seconds that QUIT (its write and the wait for 221 together) may take."""
 
-RECV_SIZE: Final = 65536
-CHUNK: Final = 65536
-"""Parts smaller than this are joined into one write; writes go out at most this large, with
-a look for replies between them."""
-WRITE_ALLOWANCE_BYTES: Final = 1 << 20
-"""A write gets ``timeout`` seconds more for every this many bytes."""
-
-
-class SMTPClient:
+class SMTPClient(DriverBase):
     """One SMTP session over a blocking socket.  Not thread-safe: the caller serializes use.
 
     :meth:`connect` opens and fully sets up the session (TLS, AUTH) or raises having closed
@@ -86,43 +74,24 @@ class SMTPClient:
         transcript: Transcript | None = None,
         pipeline_after_dot: bool = True,
     ) -> None:
-        self.config = config
-        self.engine = Engine(config, transcript, pipeline_after_dot=pipeline_after_dot)
+        super().__init__(config, transcript=transcript, pipeline_after_dot=pipeline_after_dot)
         self._sock: socket.socket | None = None
         self._selector: selectors.BaseSelector | None = None
-        self._pid = os.getpid()
-        self._deadline = 0.0
-        self._cap = float("inf")
-        self._progress = 0
         self.before_write: Callable[[Write], None] | None = None
         """Called with each :class:`~.engine.Write` before its first byte goes out (the
         queue records there that a message's content may be about to leave)."""
+        self.on_settled: Callable[[Settled], None] | None = None
+        """Called with each :class:`~.engine.Settled` once its timing is stamped (the queue
+        records each outcome there, as it arrives)."""
 
     def __repr__(self) -> str:
         state = "connected" if self.is_connected else "closed"
         return f"<SMTPClient {self.config.host}:{self.config.port} {state}>"
 
     @property
-    def transcript(self) -> Transcript:
-        return self.engine.transcript
-
-    @property
-    def protocol(self) -> SMTPConnection:
-        return self.engine.conn
-
-    @property
-    def info(self) -> SessionInfo:
-        return self.engine.info
-
-    @property
     def is_connected(self) -> bool:
         """True while the socket is open and the session usable."""
         return self._sock is not None and self.engine.usable
-
-    @property
-    def is_encrypted(self) -> bool:
-        """True once the session runs under TLS."""
-        return self.info.tls_version is not None
 
     # -- opening -----------------------------------------------------------------------
 
@@ -198,16 +167,6 @@ class SMTPClient:
 
     # -- sending -----------------------------------------------------------------------
 
-    def prepare(
-        self,
-        mail_from: str,
-        recipients: Sequence[str],
-        message: Content,
-        delivery: DeliveryOptions | None = None,
-    ) -> Transaction:
-        """Check one message against the session; see :meth:`.engine.Engine.prepare`."""
-        return self.engine.prepare(mail_from, recipients, message, delivery)
-
     def send(self, transactions: Sequence[Transaction], *, stop_on_error: bool = False) -> Batch:
         """Send prepared transactions (pipelined, with BDAT, when the server allows) and
         return the batch.  When the session broke, :attr:`is_connected` turns False."""
@@ -265,9 +224,9 @@ class SMTPClient:
                 if isinstance(action, Write):
                     self._write(action)
                 elif isinstance(action, Settled):
-                    now = time.time()
-                    for result in action.results:
-                        result.elapsed = max(0.0, now - result.started)
+                    self._stamp(action)
+                    if self.on_settled is not None:
+                        self.on_settled(action)
                 elif action is RECEIVE:
                     self._receive()
                 elif action is START_TLS:
@@ -279,25 +238,16 @@ class SMTPClient:
         finally:
             self._cap = float("inf")
 
-    def _restart_clock(self, seconds: float | None = None) -> None:
-        self._deadline = time.monotonic() + (self.config.timeout if seconds is None else seconds)
-        self._progress = self.engine.conn.replies_received
-
     def _remaining(self, limit: float) -> float:
         return min(limit, self._cap - time.monotonic())
 
     def _write(self, action: Write) -> None:
         if self.before_write is not None:
             self.before_write(action)
-        now = time.time()
-        for result in action.started:
-            result.started = now
-        parts = action.parts
-        size = sum(map(len, parts))
-        self._restart_clock(self.config.timeout * (1 + size // WRITE_ALLOWANCE_BYTES))
+        self._write_begins(action)
         written = 0
         try:
-            for index, data in _chunks(parts):
+            for index, data in chunks(action.parts):
                 self._send_all(data)
                 written = index
         except SocketMailError as error:
@@ -384,27 +334,3 @@ class SMTPClient:
         selector, self._selector = self._selector, None
         if selector is not None:
             selector.close()
-
-
-def _chunks(parts: Sequence[bytes]) -> list[tuple[int, bytes]]:
-    """``parts`` as writes, each paired with how many parts are complete after it: small
-    parts joined up to :data:`CHUNK`, large ones alone (no copy), a lone part as itself (an
-    AUTH line stays a :class:`~.secret.SecretBytes`)."""
-    writes: list[tuple[int, bytes]] = []
-    batch: list[bytes] = []
-    size = 0
-    for index, part in enumerate(parts, 1):
-        if len(part) >= CHUNK:
-            if batch:
-                writes.append((index - 1, b"".join(batch)))
-                batch, size = [], 0
-            writes.append((index, part))
-            continue
-        batch.append(part)
-        size += len(part)
-        if size >= CHUNK:
-            writes.append((index, b"".join(batch)))
-            batch, size = [], 0
-    if batch:
-        writes.append((len(parts), batch[0] if len(batch) == 1 else b"".join(batch)))
-    return writes
