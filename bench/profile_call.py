@@ -44,8 +44,8 @@ from typing import Any, Final
 
 if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
     # Run as a script, bench/ comes first on sys.path, where a module of this directory
-    # (bench/queue.py) would shadow the standard library's (asgiref and concurrent.futures
-    # import queue).
+    # could shadow a standard library module (a bench/queue.py once shadowed queue, which
+    # asgiref and concurrent.futures import).
     del sys.path[0]
 REPO: Final = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:

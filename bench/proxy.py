@@ -61,8 +61,8 @@ from typing import Any, Final
 
 if sys.path and os.path.realpath(sys.path[0] or ".") == os.path.dirname(os.path.realpath(__file__)):
     # Run as a script, bench/ comes first on sys.path, where a module of this directory
-    # (bench/queue.py) would shadow the standard library's (asgiref and concurrent.futures
-    # import queue).
+    # could shadow a standard library module (a bench/queue.py once shadowed queue, which
+    # asgiref and concurrent.futures import).
     del sys.path[0]
 
 __all__ = ["DelayProxy", "ProxyProcess", "Route", "RouteStats"]

@@ -3,8 +3,8 @@
 Run from the repository root (PostgreSQL 15 from Debian, psycopg, aiosmtpd and the
 django-tasks backport on Django 5.2)::
 
-    .venv/bin/python bench/queue.py                       # 500 calls, 200 at 10 ms, 1,000 msgs
-    .venv/bin/python bench/queue.py --calls 200 --slow-calls 100 --messages 500
+    .venv/bin/python bench/queue_cost.py                       # 500 calls, 200 at 10 ms, 1,000 msgs
+    .venv/bin/python bench/queue_cost.py --calls 200 --slow-calls 100 --messages 500
 
 It starts a private PostgreSQL (``tests/pg.py``'s :func:`start_postgres`, stopped at the end),
 configures Django in this process (``settings.configure``: that database, the app, the
