@@ -140,6 +140,12 @@ class Limits:
             last_throttle_reply=reply.one_line()[:1000],
         )
 
+    def pause(self, seconds: float) -> None:
+        """Hold every worker of the mailer for ``seconds`` (its server was not reached)."""
+        self._state()
+        until = timezone.now() + timedelta(seconds=seconds)
+        MailerState.objects.using(self.alias).filter(mailer=self.mailer).update(paused_until=until)
+
     def relieved(self) -> None:
         """A success: the next throttle reply pauses from the start again (no write when the
         state last read had no throttles)."""

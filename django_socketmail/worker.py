@@ -18,8 +18,9 @@ from .limits import Limits, is_throttle
 from .outbox import DUE, OutboxContent, OutboxMessage, OutboxStatus
 from .queue import LEASE, delivery_from_json, enqueue, recover, run_started, sending_backend
 from .smtp import SendResult, SendStatus, SocketMailError
-from .smtp.engine import Write
+from .smtp.engine import Settled, Write
 from .smtp.errors import ReplyError
+from .smtp.transaction import Transaction
 
 if TYPE_CHECKING:
     from .conf import BackendOptions
@@ -36,6 +37,8 @@ RUN_BUDGET: Final = 60.0
 """Seconds one task run keeps claiming new batches (it finishes the batch in hand)."""
 BACKOFF_BASE: Final = 60.0
 BACKOFF_MAX: Final = 3600.0
+CONNECT_PAUSE: Final = 30.0
+"""Seconds a mailer waits after its server could not be reached (every worker)."""
 
 
 class Worker:
@@ -87,9 +90,8 @@ class Worker:
                     time.sleep(wait)
                     continue
                 rows = self.claim(turns)
-                if not rows:
+                if not rows or not self.send(backend, rows):
                     break
-                self.send(backend, rows)
         finally:
             backend.close()
             if self._sending is not backend and self._sending is not None:
@@ -120,13 +122,20 @@ class Worker:
             objects.filter(lease_owner=self.token, status=OutboxStatus.SENDING).order_by("pk")
         )
 
-    def send(self, backend: EmailBackend, rows: list[OutboxMessage]) -> None:
+    def send(self, backend: EmailBackend, rows: list[OutboxMessage]) -> bool:
+        """Send ``rows`` on one session, recording each outcome the moment it is known
+        (so that a worker killed mid-batch leaves no row whose reply had come undecided).
+        False when no session could be opened: the rows are deferred and the mailer paused
+        briefly, and the run claims no more."""
         opened = self._open(backend)
         if opened is None:
             error = backend.last_session.error if backend.last_session else None
             for row in rows:
                 self._finish(row, None, error or SocketMailError("could not connect"))
-            return
+            if self.limits is not None:
+                self.limits.pause(CONNECT_PAUSE)
+                self._next_run = timezone.now() + timedelta(seconds=CONNECT_PAUSE)
+            return False
         session = opened
         contents = {
             c.pk: bytes(c.data)
@@ -147,21 +156,36 @@ class Worker:
                 continue
             prepared.append((row, tx))
         by_result = {id(tx.result): row.pk for row, tx in prepared}
-        session.client.before_write = lambda write: self._before_write(write, by_result)
-        try:
-            batch = session.send([tx for _, tx in prepared], stop_on_error=False)
-        finally:
-            session.client.before_write = None
-        unattempted = {id(tx.result) for tx in batch.unattempted}
-        for row, tx in prepared:
-            if id(tx.result) in unattempted:
-                self._release(row)
-                continue
+        pending = {id(tx.result): (row, tx) for row, tx in prepared}
+
+        def record(row: OutboxMessage, tx: Transaction) -> None:
+            pending.pop(id(tx.result), None)
             tx.result.outbox_id = row.pk
             shim: Any = _Subject(row.subject)
             session.recorder.message_finished(shim, tx.result, [contents[row.pk]])
             self._finish(row, tx.result, tx.result.error)
+
+        def settled(action: Settled) -> None:
+            for result in action.results:
+                entry = pending.get(id(result))
+                if entry is not None:
+                    record(*entry)
+
+        client = session.client
+        client.before_write = lambda write: self._before_write(write, by_result)
+        client.on_settled = settled
+        try:
+            batch = session.send([tx for _, tx in prepared], stop_on_error=False)
+        finally:
+            client.before_write = client.on_settled = None
+        unattempted = {id(tx.result) for tx in batch.unattempted}
+        for row, tx in list(pending.values()):
+            if id(tx.result) in unattempted:
+                self._release(row)
+            else:
+                record(row, tx)
         session.recorder.flush()
+        return True
 
     def _open(self, backend: EmailBackend) -> Session | None:
         """A session on the mailer's server or, while it fails (refused connection, TLS,

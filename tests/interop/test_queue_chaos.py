@@ -22,16 +22,14 @@ that the outbox does not hold.  The counts of each state are printed (``-s``).
 ``test_two_workers_never_claim_the_same_row``: two worker processes released at the same
 moment on 200 due rows: each row sent once, and both workers sent some.
 
-``test_a_250_received_before_the_kill_is_not_unknown`` (xfail, strict): a worker killed
-while its second message waits for its reply, the first long since answered ``250``: the
-first row should say SENT (its reply was not lost), but the worker records outcomes only
-after the whole pipelined batch, so recovery makes it UNKNOWN.  This is why a SIGKILL in the
-chaos test turns up to a batch (100) of delivered messages UNKNOWN.
+``test_a_250_received_before_the_kill_is_not_unknown``: a worker killed while its second
+message waits for its reply, the first long since answered ``250``: the first row says SENT
+(outcomes are recorded as each reply arrives, not after the pipelined batch; before that, a
+SIGKILL in the chaos test turned up to a batch (100) of delivered messages UNKNOWN).
 
-``test_a_refused_connection_defers_one_batch_not_the_queue`` (xfail, strict): with the
-server down, one delivery run claims batch after batch, fails to connect for each, and
-defers every queued message (one attempt spent each, 30-90 s of backoff): a 6 s Postfix
-outage in the chaos test deferred 600 of 1,000 messages.
+``test_a_refused_connection_defers_one_batch_not_the_queue``: with the server down, one
+delivery run defers one batch and stops, the mailer paused (before, it claimed batch after
+batch: a 6 s Postfix outage deferred 600 of 1,000 messages).
 
 They need PostgreSQL, and the first two the Postfix rig; each skips without them, and fails
 under CI.
@@ -523,12 +521,6 @@ def test_two_workers_never_claim_the_same_row(
     assert all(sent_by), "one worker sent everything: the claims did not run concurrently"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="outcomes are recorded after the whole pipelined batch (Worker.send), so a kill "
-    "mid-batch leaves rows whose 250 had arrived SENDING with content_may_have_left, and "
-    "recovery makes them UNKNOWN",
-)
 @pytest.mark.django_db(transaction=True, databases=["default", ALIAS])
 def test_a_250_received_before_the_kill_is_not_unknown(
     postgres_server: PostgresServer, postgres_database: str, tmp_path: Path
@@ -558,11 +550,6 @@ def test_a_250_received_before_the_kill_is_not_unknown(
     assert (rows[0].status, rows[0].queue_id) == (OutboxStatus.SENT, "FIRST")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Worker.run keeps claiming batches after a failed connection; each batch is "
-    "deferred with an attempt spent, so one run defers the whole queue",
-)
 @pytest.mark.django_db(transaction=True, databases=["default", ALIAS])
 def test_a_refused_connection_defers_one_batch_not_the_queue(postgres_database: str) -> None:
     with socket.socket() as probe:  # a port of 127.0.0.1 that nothing listens on
