@@ -144,6 +144,11 @@ class AuditRecorder:
     _session_pks: dict[str, int] = field(default_factory=dict)
     """The session's row in each database written to, by alias (committed rows only)."""
     _session_lines: list[TranscriptLine] = field(default_factory=list)
+    _written: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """The session row's values as last committed, by database: a later flush updates only
+    the columns that changed (for a pooled call, ``messages_sent``)."""
+    _rendered: tuple[int, str] = (0, "")
+    """The session transcript as last rendered, and how many lines it had then."""
     _messages: list[_MessageRecord] = field(default_factory=list)
     _ended: datetime | None = None
     _error: BaseException | None = None
@@ -253,8 +258,11 @@ class AuditRecorder:
                 )
                 for r in self._messages
             ]
-            _insert_many(alias, MessageLog, _MESSAGE_COLUMNS, rows)
-            ids = _newest_ids(alias, MessageLog, session.pk, len(rows))
+            last_id = _insert_many(alias, MessageLog, _MESSAGE_COLUMNS, rows)
+            if len(rows) == 1 and last_id is not None:
+                ids = [last_id]  # one row (a pooled call): no read-back query
+            else:
+                ids = _newest_ids(alias, MessageLog, session.pk, len(rows))
             recipient_rows = [
                 (
                     message_id,
@@ -294,19 +302,33 @@ class AuditRecorder:
             "error": _text(model, "error", error),
             "messages_sent": info.messages_sent,
             "ended": self._ended,
-            "transcript": _text(model, "transcript", render_lines(self._session_lines)),
+            "transcript": self._session_transcript(model),
         }
         database = alias.removesuffix(CLONE_SUFFIX)  # our clone reaches the same database
         pk = self._session_pks.get(database)
+
+        def committed(pk: int) -> None:
+            # Known only once the transaction commits (a retry must write it again).
+            self._session_pks[database] = pk
+            self._written[database] = values
+
         if pk is None:
             session = model.objects.using(alias).create(created=self.started, **values)
-            # Known only once the transaction commits (a retry must create it again).
-            transaction.on_commit(
-                lambda: self._session_pks.__setitem__(database, session.pk), using=alias
-            )
+            transaction.on_commit(lambda: committed(session.pk), using=alias)
             return session
-        model.objects.using(alias).filter(pk=pk).update(**values)
+        before = self._written.get(database, {})
+        changed = {k: v for k, v in values.items() if k not in before or before[k] != v}
+        if changed:
+            _update_row(alias, model, pk, changed)
+            transaction.on_commit(lambda: committed(pk), using=alias)
         return model(pk=pk)
+
+    def _session_transcript(self, model: Any) -> str:
+        """The session's own transcript as stored, rendered again only when it changed."""
+        count = len(self._session_lines)
+        if self._rendered[0] != count or count == MAX_SESSION_LINES:
+            self._rendered = (count, _text(model, "transcript", render_lines(self._session_lines)))
+        return self._rendered[1]
 
     @staticmethod
     def _message_row(
@@ -409,18 +431,38 @@ def _audit_alias(configured: str | None) -> tuple[str, Any]:
 
 def _insert_many(
     alias: str, model: Any, names: tuple[str, ...], rows: list[tuple[Any, ...]]
-) -> None:
+) -> int | None:
     """INSERT plain rows (values ready for the database) with one ``executemany``: the
-    ORM's per-object and per-value preparation would be most of the audit log's cost."""
+    ORM's per-object and per-value preparation would be most of the audit log's cost.
+    Returns the new row's id when one row went to a database that tells it (SQLite,
+    MySQL), else None."""
     if not rows:
-        return
+        return None
     connection = connections[alias]
     quote = connection.ops.quote_name
     columns = ", ".join(quote(model._meta.get_field(name).column) for name in names)
     placeholders = ", ".join(["%s"] * len(names))
     sql = f"INSERT INTO {quote(model._meta.db_table)} ({columns}) VALUES ({placeholders})"  # noqa: S608 - names from the model, values bound
     with connection.cursor() as cursor:
+        if len(rows) == 1 and connection.vendor in ("sqlite", "mysql"):
+            cursor.execute(sql, rows[0])
+            return int(cursor.lastrowid)
         cursor.executemany(sql, rows)
+    return None
+
+
+def _update_row(alias: str, model: Any, pk: int, values: dict[str, Any]) -> None:
+    """UPDATE one row's ``values`` (by field name, text already storable) with plain SQL,
+    each value prepared by its field as the ORM's ``update()`` would."""
+    connection = connections[alias]
+    quote = connection.ops.quote_name
+    meta = model._meta
+    fields = [meta.get_field(name) for name in values]
+    assignments = ", ".join(f"{quote(f.column)} = %s" for f in fields)
+    params = [f.get_db_prep_save(values[f.name], connection) for f in fields]
+    sql = f"UPDATE {quote(meta.db_table)} SET {assignments} WHERE {quote(meta.pk.column)} = %s"  # noqa: S608 - names from the model, values bound
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [*params, pk])
 
 
 @contextlib.contextmanager

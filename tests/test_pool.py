@@ -125,8 +125,11 @@ def test_after_fork_the_child_never_reuses_the_parents_sessions() -> None:
 @pytest.mark.django_db(transaction=True)
 def test_one_session_row_per_physical_connection() -> None:
     with HostileSMTPServer(standard_session()) as server:
-        for _ in range(3):
+        for n in range(1, 4):
             assert pooled(server, audit_log=True).send_messages([message()]) == 1
+            # The row is brought up to date by every call (only what changed is written).
+            assert SessionLog.objects.get().messages_sent == n
+            assert MessageLog.objects.count() == n
         assert MessageLog.objects.count() == 3
         assert SessionLog.objects.count() == 1
         close_pool()
