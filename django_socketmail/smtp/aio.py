@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import socket
 import ssl
@@ -200,9 +201,18 @@ class AsyncSMTPClient(DriverBase):
     # -- opening -----------------------------------------------------------------------
 
     async def connect(self) -> None:
-        """Connect, then greeting, EHLO, STARTTLS and AUTH as configured."""
+        """Connect, then greeting, EHLO, STARTTLS and AUTH as configured.  With a
+        ``token_provider``, the token is fetched first in a thread, so that a provider's
+        HTTP request does not hold the event loop (a refresh after the server refused the
+        token still runs on it, within ``timeout``)."""
         if self._sock is not None or self._stream is not None:
             raise LocalProtocolError("already connected")
+        source = self.config.token_provider
+        if source is not None and self.config.username:
+            fetch = functools.partial(
+                source.token, self.config.username, timeout=self.config.timeout
+            )
+            await asyncio.get_running_loop().run_in_executor(None, fetch)
         try:
             await self._open_socket()
             self.engine.open(await self._local_hostname())
