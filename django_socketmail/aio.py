@@ -64,7 +64,7 @@ def _backend(
         )
     from django.core import mail
 
-    return mail.mailers[using]
+    return mail.mailers[using]  # type: ignore[attr-defined,unused-ignore]  # Django 6.1+
 
 
 async def asend_mail(

@@ -175,4 +175,4 @@ class Limits:
         except IntegrityError:
             state = MailerState.objects.using(self.alias).get(mailer=self.mailer)
         self._throttles = state.throttles
-        return state  # type: ignore[no-any-return]
+        return state  # type: ignore[no-any-return,unused-ignore]
