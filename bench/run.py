@@ -1009,16 +1009,24 @@ def machine_facts(postfix_version: str, load: tuple[float, float, float]) -> dic
     }
 
 
-def write_docs(markdown: str, path: Path = DOCS) -> None:
-    """Replace the generated block of ``docs/benchmarks.md`` (between its markers)."""
+def write_docs(
+    markdown: str,
+    path: Path = DOCS,
+    *,
+    start: str = RESULTS_START,
+    end: str = RESULTS_END,
+    heading: str = "Results",
+) -> None:
+    """Replace the generated block of ``docs/benchmarks.md`` (between the markers ``start``
+    and ``end``; without them, append it under a new section ``heading``)."""
     text = path.read_text() if path.exists() else ""
-    block = f"{RESULTS_START}\n{markdown}{RESULTS_END}"
-    if RESULTS_START in text and RESULTS_END in text:
-        head, _, rest = text.partition(RESULTS_START)
-        _, _, tail = rest.partition(RESULTS_END)
+    block = f"{start}\n{markdown}{end}"
+    if start in text and end in text:
+        head, _, rest = text.partition(start)
+        _, _, tail = rest.partition(end)
         text = head + block + tail
     else:
-        text += f"\n## Results\n\n{block}\n"
+        text += f"\n## {heading}\n\n{block}\n"
     path.write_text(text)
 
 
