@@ -13,13 +13,16 @@ is awaited on the running loop (``backend.asend_messages``); any other backend (
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import django
 from asgiref.sync import sync_to_async
 from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
 from django.core.mail import EmailMessage, EmailMultiAlternatives, get_connection
+from django.utils.functional import Promise
 
 if TYPE_CHECKING:
     from django.core.mail.backends.base import BaseEmailBackend
@@ -48,23 +51,62 @@ def _backend(
     auth_user: str | None = None,
     auth_password: str | None = None,
 ) -> Any:
-    """The backend to send with, as Django's functions choose it."""
-    if using is None:
+    """The backend to send with, chosen as the installed Django's functions choose it.
+
+    Django 5.2 and 6.0: ``connection``, else ``get_connection()`` with the credentials and
+    ``fail_silently``.  Django 6.1 also: ``using=`` names a ``MAILERS`` alias; the
+    ``fail_silently``, ``auth_user``/``auth_password`` and ``connection`` arguments warn
+    ``RemovedInDjango2028Warning`` with Django's own messages, and the combinations
+    Django 6.1 refuses raise the same ``TypeError``.
+    """
+    if not _HAS_MAILERS:
+        if using is not None:
+            raise TypeError("using= names a MAILERS alias, which needs Django 6.1 or later")
         return connection or get_connection(
             username=auth_user, password=auth_password, fail_silently=fail_silently
         )
-    if not _HAS_MAILERS:
-        raise TypeError("using= names a MAILERS alias, which needs Django 6.1 or later")
-    if connection is not None:
-        raise TypeError("'connection' and 'using' are mutually exclusive")
-    if fail_silently or auth_user is not None or auth_password is not None:
-        raise TypeError(
-            "with using=, the mailer's OPTIONS set fail_silently and the credentials; "
-            "do not pass fail_silently, auth_user or auth_password"
-        )
     from django.core import mail
+    from django.core.mail import deprecation  # type: ignore[attr-defined,unused-ignore]
+    from django.utils.deprecation import RemovedInDjango2028Warning  # type: ignore[attr-defined,unused-ignore]
 
-    return mail.mailers[using]  # type: ignore[attr-defined,unused-ignore]  # Django 6.1+
+    for used, text in (
+        (fail_silently, deprecation.FAIL_SILENTLY_ARG_WARNING),
+        (auth_user is not None or auth_password is not None, deprecation.AUTH_ARGS_WARNING),
+        (connection is not None, deprecation.CONNECTION_ARG_WARNING),
+    ):
+        if used:
+            warnings.warn(text, RemovedInDjango2028Warning, stacklevel=3)
+    if using is not None:
+        deprecation.report_using_incompatibility(
+            connection, fail_silently, auth_user, auth_password
+        )
+        return mail.mailers[using]  # type: ignore[attr-defined,unused-ignore]
+    if connection is not None:
+        if fail_silently:
+            raise TypeError(
+                "fail_silently cannot be used with a connection. "
+                "Pass fail_silently to get_connection() instead."
+            )
+        if auth_user is not None or auth_password is not None:
+            raise TypeError(
+                "auth_user and auth_password cannot be used with a connection. "
+                "Pass auth_user and auth_password to get_connection() instead."
+            )
+        return connection
+    options: dict[str, Any] = {"fail_silently": fail_silently}
+    if auth_user is not None:
+        options["username"] = auth_user
+    if auth_password is not None:
+        options["password"] = auth_password
+    # Django's own functions call get_connection() without its deprecation warning (it
+    # warns callers outside Django only); these are Django's functions, awaited.
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore",
+            message=r"get_connection\(\) is deprecated",
+            category=RemovedInDjango2028Warning,
+        )
+        return get_connection(**options)
 
 
 async def asend_mail(
@@ -178,19 +220,34 @@ async def _server_message(
 
 
 def _server_recipients(setting: str) -> list[str]:
-    """The addresses of ``ADMINS`` or ``MANAGERS``, validated as the installed Django does:
-    ``(name, address)`` pairs, and from Django 6.0 also plain address strings."""
+    """The addresses of ``ADMINS`` or ``MANAGERS``, validated as the installed Django does.
+
+    Django 5.2 takes ``(name, address)`` pairs and raises ``ValueError`` otherwise. From
+    Django 6.0 it takes address strings; a list made only of pairs still works but warns
+    ``RemovedInDjango2028Warning``, and anything else raises ``ImproperlyConfigured``.
+    """
     entries = getattr(settings, setting)
     if not entries:
         return []
-    strings_allowed = django.VERSION >= (6, 0)
-    addresses = []
-    for entry in entries:
-        if strings_allowed and isinstance(entry, str):
-            addresses.append(entry)
-        elif isinstance(entry, (list, tuple)) and len(entry) == 2:
-            addresses.append(entry[1])
-        else:
-            kind = "email address strings" if strings_allowed else "2-tuples"
-            raise ValueError(f"The {setting} setting must be a list of {kind}.")
-    return addresses
+    pairs = all(isinstance(e, (list, tuple)) and len(e) == 2 for e in entries)
+    if django.VERSION < (6, 0):
+        if not pairs:
+            raise ValueError(f"The {setting} setting must be a list of 2-tuples.")
+        return [str(e[1]) for e in entries]
+    from django.utils.deprecation import RemovedInDjango2028Warning  # type: ignore[attr-defined,unused-ignore]
+
+    if pairs:
+        warnings.warn(
+            f"Using (name, address) pairs in the {setting} setting is deprecated."
+            " Replace with a list of email address strings.",
+            RemovedInDjango2028Warning,
+            stacklevel=3,
+        )
+        return [str(e[1]) for e in entries]
+    if not isinstance(entries, (list, tuple)) or not all(
+        isinstance(e, (str, Promise)) for e in entries
+    ):
+        raise ImproperlyConfigured(
+            f"The {setting} setting must be a list of email address strings."
+        )
+    return [str(e) for e in entries]

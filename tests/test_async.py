@@ -17,9 +17,11 @@ import logging
 import os
 import threading
 import time
+import warnings
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
+import django
 import pytest
 from asgiref.sync import SyncToAsync
 from django.contrib.auth.models import User
@@ -255,17 +257,51 @@ def test_never_greets_is_a_timeout_within_the_bound(api: str, make: Any) -> None
 SOCKETMAIL = "django_socketmail.async_backend.AsyncEmailBackend"
 
 
+def server_addresses(*pairs: tuple[str, str]) -> list[Any]:
+    """``ADMINS``/``MANAGERS`` in the installed Django's own form: pairs before 6.0, address
+    strings from 6.0 (where pairs are deprecated and warn)."""
+    if django.VERSION < (6, 0):
+        return list(pairs)
+    return [address for _, address in pairs]
+
+
 def settings_for(server: LocalSMTPServer) -> dict[str, Any]:
+    """Our backend as the default mailer, in the installed Django's own terms: ``MAILERS``
+    on Django 6.1 (where the ``EMAIL_*`` settings are deprecated), ``EMAIL_*`` before."""
+    options = {"audit_log": False, "local_hostname": "client.example"}
+    site = {
+        "ADMINS": server_addresses(("Admin", "admin@example.com")),
+        "MANAGERS": server_addresses(("Manager", "manager@example.com")),
+        "SERVER_EMAIL": "server@example.com",
+        "EMAIL_SUBJECT_PREFIX": "[site] ",
+    }
+    if django.VERSION >= (6, 1):
+        mailer = {"BACKEND": SOCKETMAIL, "OPTIONS": {"host": "127.0.0.1", "port": server.port}}
+        mailer["OPTIONS"].update(options)
+        quiet = {"BACKEND": SOCKETMAIL, "OPTIONS": {**mailer["OPTIONS"], "fail_silently": True}}
+        return {"MAILERS": {"default": mailer, "quiet": quiet}, **site}
     return {
         "EMAIL_BACKEND": SOCKETMAIL,
         "EMAIL_HOST": "127.0.0.1",
         "EMAIL_PORT": server.port,
-        "SOCKETMAIL": {"audit_log": False, "local_hostname": "client.example"},
-        "ADMINS": [("Admin", "admin@example.com")],
-        "MANAGERS": [("Manager", "manager@example.com")],
-        "SERVER_EMAIL": "server@example.com",
-        "EMAIL_SUBJECT_PREFIX": "[site] ",
+        "SOCKETMAIL": options,
+        **site,
     }
+
+
+# fail_silently=True as the installed Django wants it said: an argument before Django 6.1, a
+# MAILERS alias whose OPTIONS say it on 6.1 (where the argument is deprecated).
+QUIETLY: dict[str, Any] = (
+    {"using": "quiet"} if django.VERSION >= (6, 1) else {"fail_silently": True}
+)
+
+
+def locmem_settings(**values: Any) -> dict[str, Any]:
+    """Django's locmem backend as the default mailer (the test settings' own default mailer
+    on Django 6.1)."""
+    if django.VERSION >= (6, 1):
+        return values
+    return {"EMAIL_BACKEND": "django.core.mail.backends.locmem.EmailBackend", **values}
 
 
 @pytest.mark.parametrize("api", APIS)
@@ -278,7 +314,7 @@ def test_send_mail_and_its_twins(api: str, plain_server: LocalSMTPServer) -> Non
                     ("m1", "b", "from@example.com", ["b@example.com"]),
                     ("m2", "b", "from@example.com", ["nobody@example.com"]),
                 ],
-                fail_silently=True,
+                **QUIETLY,
             )
             mail.mail_admins("admins", "body", html_message="<p>body</p>")
             mail.mail_managers("managers", "body")
@@ -292,7 +328,7 @@ def test_send_mail_and_its_twins(api: str, plain_server: LocalSMTPServer) -> Non
                         ("m1", "b", "from@example.com", ["b@example.com"]),
                         ("m2", "b", "from@example.com", ["nobody@example.com"]),
                     ],
-                    fail_silently=True,
+                    **QUIETLY,
                 )
             )
             run(django_socketmail.amail_admins("admins", "body", html_message="<p>body</p>"))
@@ -311,6 +347,74 @@ def test_send_mail_and_its_twins(api: str, plain_server: LocalSMTPServer) -> Non
     assert b"text/html" in admins
 
 
+@pytest.mark.parametrize(
+    "admins",
+    [
+        [("Admin", "admin@example.com")],
+        ["admin@example.com"],
+        [("Admin", "admin@example.com"), "other@example.com"],
+        "admin@example.com",
+    ],
+    ids=["pairs", "strings", "mixed", "bare-string"],
+)
+def test_amail_admins_judges_the_setting_as_mail_admins_does(admins: Any) -> None:
+    """Same warning, same error, same recipients as the installed Django's ``mail_admins``."""
+
+    with override_settings(**locmem_settings(ADMINS=admins)):
+        sync = outcome_of(lambda: mail.mail_admins("s", "b"))
+        async_ = outcome_of(lambda: run(django_socketmail.amail_admins("s", "b")))
+    assert async_ == sync
+
+
+def outcome_of(call: Callable[[], Any]) -> tuple[Any, ...]:
+    """What a call to a mail function did: raised (class, text), or returned (value, the
+    recipients of each message in ``mail.outbox``, the warnings as (class, text))."""
+    mail.outbox = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            value = call()
+        except Exception as exc:
+            return ("raised", type(exc), str(exc))
+    return (
+        "returned",
+        value,
+        [m.to for m in mail.outbox],
+        [(w.category, str(w.message)) for w in caught],
+    )
+
+
+ARGUMENTS = {
+    "none": {},
+    "fail_silently": {"fail_silently": True},
+    "credentials": {"auth_user": "u", "auth_password": "p"},
+    "connection": {"connection": "locmem"},
+    "connection+fail_silently": {"connection": "locmem", "fail_silently": True},
+}
+
+
+@pytest.mark.parametrize("arguments", ARGUMENTS.values(), ids=ARGUMENTS.keys())
+def test_asend_mail_takes_its_arguments_as_send_mail_does(arguments: dict[str, Any]) -> None:
+    """Same warnings (Django 6.1 deprecates ``fail_silently``, the credentials and
+    ``connection``), same refusals, same count as the installed Django's ``send_mail``."""
+    from django.core.mail.backends.locmem import EmailBackend as LocmemBackend
+
+    def kwargs() -> dict[str, Any]:
+        given = dict(arguments)
+        if given.get("connection") == "locmem":
+            given["connection"] = LocmemBackend()
+        return given
+
+    args = ("s", "b", "from@example.com", ["to@example.com"])
+    with override_settings(**locmem_settings()):
+        sync = outcome_of(lambda: mail.send_mail(*args, **kwargs()))
+        async_ = outcome_of(lambda: run(django_socketmail.asend_mail(*args, **kwargs())))
+        sync_mass = outcome_of(lambda: mail.send_mass_mail([args], **kwargs()))
+        async_mass = outcome_of(lambda: run(django_socketmail.asend_mass_mail([args], **kwargs())))
+    assert async_ == sync
+    assert async_mass == sync_mass
+
+
 def test_asend_mail_raises_as_send_mail_does(plain_server: LocalSMTPServer) -> None:
     with override_settings(**settings_for(plain_server)):
         with pytest.raises(RecipientsRefused):
@@ -319,7 +423,7 @@ def test_asend_mail_raises_as_send_mail_does(plain_server: LocalSMTPServer) -> N
             run(django_socketmail.asend_mail("s", "b", "from@example.com", ["nobody@example.com"]))
         assert run(django_socketmail.asend_mail("s", "b", "f@example.com", [])) == 0
         quiet = django_socketmail.asend_mail(
-            "s", "b", "from@example.com", ["nobody@example.com"], fail_silently=True
+            "s", "b", "from@example.com", ["nobody@example.com"], **QUIETLY
         )
         assert run(quiet) == 0
 
@@ -327,10 +431,7 @@ def test_asend_mail_raises_as_send_mail_does(plain_server: LocalSMTPServer) -> N
 def test_any_other_backend_runs_in_a_thread() -> None:
     """Django's test runner swaps in locmem: the async functions still work (through
     ``sync_to_async``) and fill ``mail.outbox``."""
-    with override_settings(
-        EMAIL_BACKEND="django.core.mail.backends.locmem.EmailBackend",
-        ADMINS=[("A", "a@example.com")],
-    ):
+    with override_settings(**locmem_settings(ADMINS=server_addresses(("A", "a@example.com")))):
         mail.outbox = []
         assert run(django_socketmail.asend_mail("s", "b", "f@example.com", ["x@example.com"])) == 1
         run(django_socketmail.amail_admins("oops", "b"))
@@ -338,18 +439,17 @@ def test_any_other_backend_runs_in_a_thread() -> None:
 
 
 def test_using_needs_mailers_and_excludes_connection() -> None:
-    import django
-
     if django.VERSION < (6, 1):
         with pytest.raises(TypeError, match=r"6\.1"):
             run(django_socketmail.asend_mail("s", "b", "f@example.com", ["x@x.com"], using="x"))
-    else:  # pragma: no cover - Django 6.1
-        with pytest.raises(TypeError, match="mutually exclusive"):
-            run(
-                django_socketmail.asend_mail(
-                    "s", "b", "f@example.com", ["x@x.com"], connection=object(), using="x"
-                )
-            )
+    else:  # pragma: no cover - Django 6.1: the same warning and error as send_mail()
+        args = ("s", "b", "f@example.com", ["x@x.com"])
+        sync = outcome_of(lambda: mail.send_mail(*args, connection=object(), using="x"))
+        async_ = outcome_of(
+            lambda: run(django_socketmail.asend_mail(*args, connection=object(), using="x"))
+        )
+        assert async_ == sync
+        assert sync == ("raised", TypeError, "'connection' is not compatible with 'using'.")
 
 
 # -- async only: the backend as a context manager, cancellation, the audit log --------------
