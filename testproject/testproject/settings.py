@@ -6,6 +6,12 @@ Point it at your own server without editing anything::
     SOCKETMAIL_USERNAME=me@example.com SOCKETMAIL_PASSWORD=... \\
         python testproject/manage.py sendtestmail you@example.com
 
+The same variables serve the project under an ASGI server, whose async views
+(``testproject.views``) send with ``asend_mail``; ``SOCKETMAIL_POOL=1`` keeps warm
+connections, ``SOCKETMAIL_DB`` names the SQLite file::
+
+    cd testproject && SOCKETMAIL_POOL=1 python -m uvicorn testproject.asgi:application
+
 On Django 6.1 and later the settings are a ``MAILERS`` entry; before, ``EMAIL_*`` settings.
 """
 
@@ -82,6 +88,10 @@ if os.environ.get("SOCKETMAIL_CA_FILE"):
     SOCKETMAIL["ssl_cafile"] = os.environ["SOCKETMAIL_CA_FILE"]
 if os.environ.get("SOCKETMAIL_AUTH"):
     SOCKETMAIL["auth_mechanisms"] = os.environ["SOCKETMAIL_AUTH"].split(",")
+# Warm connections kept between sends; under an ASGI server (README "Async") concurrent
+# asend_mail() calls are then coalesced onto at most 3 connections.
+if _flag("SOCKETMAIL_POOL"):
+    SOCKETMAIL["pool"] = True
 
 # Queued delivery (README "Queued delivery"): SOCKETMAIL_QUEUE=1 stores mail in the outbox
 # and a worker sends it: `manage.py db_worker` (django-tasks-db, the "queue" extra).
