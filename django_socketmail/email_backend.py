@@ -116,6 +116,8 @@ class EmailBackend(AsyncBackendMixin, BaseEmailBackend):
         )
         self.fail_silently = self.options.fail_silently
         self.mailer_alias: str = alias or ""
+        if self.options.queue:
+            self._refuse_options_the_worker_cannot_see()
         self.session: Session | None = None
         """The open session (None when closed)."""
         self.last_session: Session | None = None
@@ -123,6 +125,36 @@ class EmailBackend(AsyncBackendMixin, BaseEmailBackend):
         self._lock = threading.RLock()
         self.transcript_listeners: list[Listener] = []
         """Called with every transcript line of every session (``sendtestmail`` prints)."""
+
+    def _refuse_options_the_worker_cannot_see(self) -> None:
+        """With ``queue=True`` the worker delivers with the options it reads from settings
+        for this mailer (:func:`~django_socketmail.queue.settled_options`): an option whose
+        value was given only to this backend would be dropped at delivery, so it raises
+        ``ImproperlyConfigured`` naming the options (never their values) and where to set
+        them."""
+        from dataclasses import fields
+
+        from .queue import settled_options
+
+        settled = settled_options(self.mailer_alias)
+        differ = [
+            f.name
+            for f in fields(BackendOptions)
+            if f.name not in ("queue", "fail_silently")
+            and getattr(settled, f.name) != getattr(self.options, f.name)
+        ]
+        if differ:
+            where = (
+                f"MAILERS[{self.mailer_alias!r}]['OPTIONS']"
+                if self.mailer_alias
+                else "the EMAIL_* settings and SOCKETMAIL"
+            )
+            raise ImproperlyConfigured(
+                f"queue=True: queued messages are delivered by a worker that builds the mailer "
+                f"from settings, where {', '.join(map(repr, differ))} "
+                f"{'has' if len(differ) == 1 else 'have'} another value than the one given to "
+                f"this backend; set {'it' if len(differ) == 1 else 'them'} in {where} instead."
+            )
 
     @staticmethod
     def _refuse_unknown(kwargs: dict[str, Any]) -> None:

@@ -49,6 +49,7 @@ from dataclasses import asdict
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Final
 
+from django.core.signals import setting_changed
 from django.db import IntegrityError, router, transaction
 from django.db.models import F, Q
 from django.utils import timezone
@@ -68,6 +69,7 @@ except ImportError:  # Django 5.2: the django-tasks backport
 if TYPE_CHECKING:
     from django.core.mail import EmailMessage
 
+    from .conf import BackendOptions
     from .email_backend import EmailBackend
 
 __all__ = [
@@ -78,6 +80,7 @@ __all__ = [
     "kick",
     "recover",
     "sending_backend",
+    "settled_options",
     "store",
 ]
 
@@ -266,3 +269,24 @@ def sending_backend(mailer: str) -> EmailBackend:
         options.update(queue=False, fail_silently=True)
         return EmailBackend(alias=mailer, **options)
     return EmailBackend(queue=False, fail_silently=True)
+
+
+_SETTLED: dict[str, BackendOptions] = {}
+
+
+def settled_options(mailer: str) -> BackendOptions:
+    """The options the worker sends ``mailer``'s messages with (those of
+    :func:`sending_backend`), resolved once per process and again after any change of
+    settings (Django's ``setting_changed``, sent by ``override_settings``)."""
+    try:
+        return _SETTLED[mailer]
+    except KeyError:
+        options = _SETTLED[mailer] = sending_backend(mailer).options
+        return options
+
+
+def _forget_settled(**kwargs: Any) -> None:
+    _SETTLED.clear()
+
+
+setting_changed.connect(_forget_settled, dispatch_uid="django_socketmail.queue.settled")

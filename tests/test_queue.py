@@ -7,55 +7,24 @@ themselves.
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
 
-import django as _django
 import pytest
-
-pytestmark_queue_61 = pytest.mark.skipif(
-    _django.VERSION >= (6, 1),
-    reason="queued delivery's worker builds its mailer from EMAIL_* settings; on Django 6.1 "
-    "(MAILERS) these tests do not yet configure it: known gap, see the closing note",
-)
+from django.core.exceptions import ImproperlyConfigured
 from django.core.mail import EmailMessage
 from django.db import transaction
-from django.test import override_settings
 from django.utils import timezone
 
-from django_socketmail.email_backend import EmailBackend
 from django_socketmail.outbox import OutboxContent, OutboxMessage, OutboxStatus
-from django_socketmail.queue import LEASE, deliver, recover
+from django_socketmail.queue import LEASE, deliver, recover, sending_backend
 from django_socketmail.smtp import SendResult, SendStatus
 from django_socketmail.worker import Worker
 
 from .hostile.server import HostileSMTPServer, Script, close, cycle, reply, standard_session
+from .queueing import MAILER, mailer_at, queued, socketmail
 
-pytestmark = [pytest.mark.django_db(transaction=True), pytestmark_queue_61]
-
-
-@contextmanager
-def mailer_at(server: HostileSMTPServer, **socketmail: Any) -> Iterator[None]:
-    """The settings a worker builds its (sending) backend from (EMAIL_*: deprecated on
-    Django 6.1, where the worker of mailer "" still reads them)."""
-    settings = {
-        "EMAIL_HOST": server.host,
-        "EMAIL_PORT": server.port,
-        "EMAIL_TIMEOUT": 2,
-        "SOCKETMAIL": {"audit_log": False, "local_hostname": "client.example", **socketmail},
-    }
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        warnings.simplefilter("ignore", PendingDeprecationWarning)
-        with override_settings(**settings):
-            yield
-
-
-def queued(**options: Any) -> EmailBackend:
-    return EmailBackend(queue=True, audit_log=False, **options)
+pytestmark = [pytest.mark.django_db(transaction=True)]
 
 
 def message(subject: str = "queued", to: list[str] | None = None) -> EmailMessage:
@@ -118,7 +87,7 @@ def test_a_5xx_is_never_retried() -> None:
         (row,) = rows()
         assert (row.status, row.attempts, row.last_reply_code) == ("refused", 1, 550)
         OutboxMessage.objects.update(next_attempt=timezone.now() - timedelta(days=1))
-        assert deliver.call("") == {}
+        assert deliver.call(MAILER) == {}
     assert len(server.connections) == 1
 
 
@@ -133,9 +102,9 @@ def test_a_4xx_is_deferred_with_backoff_then_sent() -> None:
         (row,) = rows()
         assert (row.status, row.attempts, row.last_reply_code) == ("deferred", 1, 451)
         assert before + timedelta(seconds=29) < row.next_attempt < before + timedelta(seconds=91)
-        assert deliver.call("") == {}  # not due yet
+        assert deliver.call(MAILER) == {}  # not due yet
         OutboxMessage.objects.update(next_attempt=timezone.now())
-        assert deliver.call("") == {"sent": 1}
+        assert deliver.call(MAILER) == {"sent": 1}
         (row,) = rows()
         assert (row.status, row.attempts) == ("sent", 2)
     assert len(server.connections) == 2
@@ -149,7 +118,7 @@ def test_deferred_until_the_attempts_run_out() -> None:
     ):
         queued().send_messages([message()])
         OutboxMessage.objects.update(next_attempt=timezone.now())
-        assert deliver.call("") == {"failed": 1}
+        assert deliver.call(MAILER) == {"failed": 1}
         (row,) = rows()
         assert (row.status, row.attempts, row.last_reply_code) == ("failed", 2, 451)
 
@@ -163,7 +132,7 @@ def test_a_lost_final_reply_is_unknown_and_not_resent() -> None:
         (row,) = rows()
         assert (row.status, row.content_may_have_left) == ("unknown", True)
         OutboxMessage.objects.update(next_attempt=timezone.now())
-        assert deliver.call("") == {}
+        assert deliver.call(MAILER) == {}
     assert len(server.connections) == 1
 
 
@@ -175,7 +144,7 @@ def test_resend_unknown_sends_the_same_bytes_again() -> None:
         queued().send_messages([message()])
         assert rows()[0].status == "deferred"
         OutboxMessage.objects.update(next_attempt=timezone.now())
-        assert deliver.call("") == {"sent": 1}
+        assert deliver.call(MAILER) == {"sent": 1}
         assert server.wait_closed(count=2)
     first, second = server.connections
     assert second.messages == [bytes(OutboxContent.objects.get().data)]
@@ -183,7 +152,7 @@ def test_resend_unknown_sends_the_same_bytes_again() -> None:
 
 
 def test_expired_leases_are_recovered_by_what_may_have_left() -> None:
-    with override_settings(SOCKETMAIL={"task_backend": "dummy"}):
+    with socketmail(task_backend="dummy"):
         queued().send_messages([message("written"), message("not written"), message("live")])
     written, unwritten, live = rows()
     past, future = timezone.now() - timedelta(seconds=1), timezone.now() + LEASE
@@ -209,9 +178,9 @@ def test_expired_leases_are_recovered_by_what_may_have_left() -> None:
 
 
 def test_two_workers_never_claim_the_same_row() -> None:
-    with override_settings(SOCKETMAIL={"task_backend": "dummy"}):
+    with socketmail(task_backend="dummy"):
         queued().send_messages([message(f"m{n}") for n in range(10)])
-    first, second = Worker(""), Worker("")
+    first, second = Worker(MAILER), Worker(MAILER)
     a = {r.pk for r in first.claim(6)}
     b = {r.pk for r in second.claim(6)}
     assert len(a) == 6 and len(b) == 4 and not a & b
@@ -222,12 +191,12 @@ def test_messages_never_started_go_back_to_the_queue_uncounted() -> None:
     """A 421 at the first message: the others were never started on that connection."""
     closing = {"MAIL": cycle([reply(421, "4.3.2 shutting down"), close()])}
     with HostileSMTPServer([standard_session(closing)]) as server, mailer_at(server):
-        with override_settings(SOCKETMAIL={"task_backend": "dummy"}):
+        with socketmail(task_backend="dummy"):
             queued().send_messages([message("a"), message("b")])
-        worker = Worker("")
-        worker.options = EmailBackend(queue=False).options
+        worker = Worker(MAILER)
+        worker.options = sending_backend(MAILER).options
         claimed = worker.claim(10)
-        worker.send(EmailBackend(queue=False, fail_silently=True), claimed)
+        worker.send(sending_backend(MAILER), claimed)
     first, second = rows()
     assert (first.status, first.attempts, first.last_reply_code) == ("deferred", 1, 421)
     assert (second.status, second.attempts) == ("queued", 0)
@@ -239,15 +208,15 @@ def test_the_management_command_recovers_delivers_and_reports() -> None:
     from django.core.management import call_command
 
     with HostileSMTPServer([standard_session()]) as server, mailer_at(server):
-        with override_settings(SOCKETMAIL={"task_backend": "dummy"}):
+        with socketmail(task_backend="dummy"):
             queued().send_messages([message("cron")])
         out = StringIO()
         call_command("socketmail_queue", "--recover", "--deliver", stdout=out)
         assert server.wait_closed()
     text = out.getvalue()
     assert "recovered: 0 unknown, 0 queued" in text
-    assert "mailer '': 1 sent" in text
-    assert "(default)\tsent\t1" in text
+    assert f"mailer {MAILER!r}: 1 sent" in text
+    assert f"{MAILER or '(default)'}\tsent\t1" in text
     assert rows()[0].queue_id == "HOSTILE1"
 
 
@@ -298,7 +267,7 @@ def test_the_outbox_admin_lists_retries_and_cancels(client: Any) -> None:
 
     User.objects.create_superuser("admin", "admin@example.com", "pw")
     client.force_login(User.objects.get())
-    with override_settings(SOCKETMAIL={"task_backend": "dummy"}):
+    with socketmail(task_backend="dummy"):
         queued().send_messages([message("<b>keep</b>"), message("drop")])
         keep, drop = rows()
         OutboxMessage.objects.filter(pk=keep.pk).update(status="failed")
@@ -329,10 +298,10 @@ def test_a_throttle_reply_pauses_the_whole_mailer(throttle: str) -> None:
         "MAIL": cycle(reply(250, "2.1.0 Ok"), reply(int(code), text), reply(int(code), text))
     }
     with HostileSMTPServer([standard_session(slow_down)]) as server, mailer_at(server):
-        with override_settings(SOCKETMAIL={"task_backend": "dummy"}):
+        with socketmail(task_backend="dummy"):
             queued().send_messages([message("one"), message("two"), message("three")])
         before = timezone.now()
-        assert Worker("").run() == {"sent": 1, "deferred": 2}
+        assert Worker(MAILER).run() == {"sent": 1, "deferred": 2}
         state = MailerState.objects.get()
         assert state.throttles == 2 and state.last_throttle_reply.startswith(code)
         assert state.paused_until is not None  # 60 s, then doubled by the second
@@ -340,9 +309,9 @@ def test_a_throttle_reply_pauses_the_whole_mailer(throttle: str) -> None:
             before + timedelta(seconds=119) < state.paused_until < before + timedelta(seconds=130)
         )
         OutboxMessage.objects.update(next_attempt=timezone.now())
-        assert Worker("").run() == {}  # paused: nothing claimed, however due
+        assert Worker(MAILER).run() == {}  # paused: nothing claimed, however due
         MailerState.objects.update(paused_until=timezone.now())
-        assert Worker("").run() == {"sent": 1, "deferred": 1}
+        assert Worker(MAILER).run() == {"sent": 1, "deferred": 1}
         assert MailerState.objects.get().throttles == 1  # the success started the count again
 
 
@@ -350,24 +319,24 @@ def test_max_connections_is_shared_by_every_worker() -> None:
     from django_socketmail.limits import Limits
 
     def limits(token: str) -> Limits:
-        return Limits("", token, max_connections=2, rate=None, lease=LEASE)
+        return Limits(MAILER, token, max_connections=2, rate=None, lease=LEASE)
 
     first, second, third = limits("a"), limits("b"), limits("c")
     assert first.acquire_slot() and second.acquire_slot()
     assert not third.acquire_slot()
     with HostileSMTPServer([standard_session()]) as server, mailer_at(server, max_connections=2):
-        with override_settings(SOCKETMAIL={"task_backend": "dummy", "max_connections": 2}):
+        with socketmail(task_backend="dummy", max_connections=2):
             queued().send_messages([message()])
-        assert Worker("").run() == {}  # both slots held elsewhere: nothing sent
+        assert Worker(MAILER).run() == {}  # both slots held elsewhere: nothing sent
         first.release_slot()
-        assert Worker("").run() == {"sent": 1}
+        assert Worker(MAILER).run() == {"sent": 1}
     assert third.acquire_slot()  # the worker gave its slot back
 
 
 def test_rate_limit_paces_every_worker_evenly() -> None:
     from django_socketmail.limits import Limits
 
-    limits = [Limits("", t, max_connections=None, rate=(600, 60.0), lease=LEASE) for t in "ab"]
+    limits = [Limits(MAILER, t, max_connections=None, rate=(600, 60.0), lease=LEASE) for t in "ab"]
     granted = []
     started = timezone.now()
     while (timezone.now() - started).total_seconds() < 1.0:
@@ -390,27 +359,22 @@ def test_failover_while_the_primary_fails_and_back_after_the_retry_period() -> N
         HostileSMTPServer([standard_session()]) as backup,
         mailer_at(primary, failover=[{"host": backup.host, "port": backup.port}]),
     ):
-        with override_settings(
-            SOCKETMAIL={
-                "task_backend": "dummy",
-                "failover": [{"host": backup.host, "port": backup.port}],
-            }
-        ):
+        with socketmail(task_backend="dummy"):
             queued().send_messages([message("first")])
-        assert Worker("").run() == {"sent": 1}  # through the backup
+        assert Worker(MAILER).run() == {"sent": 1}  # through the backup
         assert primary.wait_closed() and len(primary.connections) == 1
         down = MailerState.objects.get().down_until
         assert down is not None and down > timezone.now() + timedelta(seconds=50)
 
-        with override_settings(SOCKETMAIL={"task_backend": "dummy"}):
+        with socketmail(task_backend="dummy"):
             queued().send_messages([message("second")])
-        assert Worker("").run() == {"sent": 1}
+        assert Worker(MAILER).run() == {"sent": 1}
         assert len(primary.connections) == 1  # passed over while it is down
 
         MailerState.objects.update(down_until=timezone.now())
-        with override_settings(SOCKETMAIL={"task_backend": "dummy"}):
+        with socketmail(task_backend="dummy"):
             queued().send_messages([message("third")])
-        assert Worker("").run() == {"sent": 1}
+        assert Worker(MAILER).run() == {"sent": 1}
         assert primary.wait_closed(count=2)
     assert len(primary.connections) == 2 and len(primary.connections[1].messages) == 1
     assert [len(c.messages) for c in backup.connections] == [1, 1]
@@ -423,7 +387,7 @@ def test_audit_rows_link_to_their_outbox_row() -> None:
     with HostileSMTPServer([first, then]) as server, mailer_at(server, audit_log=True):
         queued().send_messages([message()])
         OutboxMessage.objects.update(next_attempt=timezone.now())
-        deliver.call("")
+        deliver.call(MAILER)
     (row,) = rows()
     attempts = list(MessageLog.objects.order_by("pk"))
     assert [(a.outbox_id, a.status) for a in attempts] == [(row.pk, "failed"), (row.pk, "sent")]
@@ -442,7 +406,21 @@ def test_a_burst_of_requests_enqueues_one_run_until_it_starts() -> None:
         for n in range(5):
             queued().send_messages([message(f"burst {n}")])
         assert len(dummy.results) == 1  # one pending run claims all five
-        assert Worker("").run() == {"sent": 5}
+        assert Worker(MAILER).run() == {"sent": 5}
         queued().send_messages([message("after")])
         assert len(dummy.results) == 2  # the run started: the next commit enqueues
     dummy.clear()
+
+
+def test_options_the_worker_would_not_see_are_refused() -> None:
+    """The worker rebuilds the mailer from settings: an option given only to the backend
+    (a host, a port, a password...) would be silently dropped at delivery, so a queueing
+    backend whose options differ from the settings' is refused, naming them and the fix."""
+    with HostileSMTPServer([standard_session()]) as server, mailer_at(server):
+        with pytest.raises(
+            ImproperlyConfigured, match=r"from settings, where 'port', 'password' have"
+        ) as caught:
+            queued(port=server.port + 1, password="s3cret-given")
+        assert "s3cret-given" not in str(caught.value)
+        queued()  # what the settings say: accepted
+    assert server.connections == []

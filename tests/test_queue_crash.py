@@ -14,25 +14,18 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import django as _django
 import pytest
-
-pytestmark_queue_61 = pytest.mark.skipif(
-    _django.VERSION >= (6, 1),
-    reason="queued delivery's worker builds its mailer from EMAIL_* settings; on Django 6.1 "
-    "(MAILERS) these tests do not yet configure it: known gap, see the closing note",
-)
 from django.core.mail import EmailMessage
 from django.test import override_settings
 from django.utils import timezone
 
-from django_socketmail.email_backend import EmailBackend
 from django_socketmail.outbox import OutboxMessage
 from django_socketmail.queue import LEASE, recover
 from django_socketmail.worker import Worker
 
 from .hostile.server import HostileSMTPServer, read_data, reply, sleep, standard_session
 from .pg import ALIAS, PostgresServer
+from .queueing import MAILER, mailer_at, queued, socketmail
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -55,7 +48,7 @@ def worker_process(server: PostgresServer, smtp_port: int) -> subprocess.Popen[b
     }
     code = (
         "import django; django.setup(); "
-        "from django_socketmail.worker import Worker; Worker('').run()"
+        f"from django_socketmail.worker import Worker; Worker({MAILER!r}).run()"
     )
     return subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env)
 
@@ -73,8 +66,8 @@ def test_a_worker_killed_mid_send_loses_nothing_and_sends_nothing_twice(
         msgs = [
             EmailMessage(f"m{n}", "body\n", "s@example.com", ["a@example.com"]) for n in range(3)
         ]
-        backend = EmailBackend(queue=True, task_backend="dummy", audit_log=False)
-        assert backend.send_messages(msgs) == 3
+        with socketmail(task_backend="dummy"):
+            assert queued().send_messages(msgs) == 3
 
         worker = worker_process(postgres_server, stalled.port)
         deadline = time.monotonic() + 30
@@ -95,15 +88,11 @@ def test_a_worker_killed_mid_send_loses_nothing_and_sends_nothing_twice(
             "unknown": 1,
             "queued": 2,
         }
-        good_mailer = {"EMAIL_HOST": good.host, "EMAIL_PORT": good.port, "EMAIL_TIMEOUT": 5}
-        with override_settings(**good_mailer, SOCKETMAIL={"audit_log": False}):
-            assert Worker("").run() == {"sent": 2}
+        with mailer_at(good, timeout=5):
+            assert Worker(MAILER).run() == {"sent": 2}
         assert good.wait_closed()
     assert [r.status for r in outbox.all()] == ["unknown", "sent", "sent"]
     got = [m for c in good.connections for m in c.messages]
     assert [b"Subject: m1" in m for m in got] == [True, False]
     assert [b"Subject: m2" in m for m in got] == [False, True]
     assert len(stalled.connections[0].messages) == 1  # m0, once; never resent
-
-
-pytestmark = [pytestmark_queue_61]

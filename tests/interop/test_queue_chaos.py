@@ -3,7 +3,7 @@
 ``test_chaos_loses_nothing_and_sends_nothing_twice``: ``CHAOS_MESSAGES`` messages (1,000
 by default, not the issue's 2,000, to stay well under 90 s on a 2-core machine; set
 ``SOCKETMAIL_CHAOS_MESSAGES`` for more) are queued into the outbox on PostgreSQL, each with a
-Message-ID of its own.  Four worker processes (``Worker('').run()`` in a loop until nothing is
+Message-ID of its own.  Four worker processes (``Worker(MAILER).run()`` in a loop until nothing is
 due; ``max_connections=4``) send them through a TCP proxy (``bench/proxy.py``) to a private
 Postfix rig's plain port while the test, at points of progress and after random delays
 (seed ``SOCKETMAIL_CHAOS_SEED``, printed), SIGKILLs workers and starts new ones, drops every
@@ -53,6 +53,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Final
 
 import pytest
@@ -61,7 +62,6 @@ from django.test import override_settings
 from django.utils import timezone
 
 from bench.proxy import DelayProxy, Route
-from django_socketmail.email_backend import EmailBackend
 from django_socketmail.outbox import (
     TERMINAL,
     MailerSlot,
@@ -75,6 +75,7 @@ from tests.hostile.server import Connection, HostileSMTPServer, standard_session
 from tests.interop.conftest import require_rig
 from tests.interop.rig import PostfixRig
 from tests.pg import ALIAS, PostgresServer
+from tests.queueing import MAILER, mailer_at, queued, socketmail
 
 ROOT: Final = Path(__file__).resolve().parent.parent.parent
 CHAOS_MESSAGES: Final = int(os.environ.get("SOCKETMAIL_CHAOS_MESSAGES", "1000"))
@@ -95,6 +96,7 @@ WORKER_LOOP: Final = """
 import json, os, time
 import django
 django.setup()
+from tests.queueing import MAILER
 from django.utils import timezone
 from django_socketmail.outbox import DUE, OutboxMessage
 from django_socketmail.worker import Worker
@@ -103,7 +105,7 @@ while go and not os.path.exists(go):
     time.sleep(0.005)
 tokens = open(os.environ["SOCKETMAIL_CHAOS_TOKENS"], "a")
 for _ in range(10000):
-    worker = Worker("")
+    worker = Worker(MAILER)
     tokens.write(worker.token + "\\n")
     tokens.flush()
     print(json.dumps(worker.run()), flush=True)
@@ -330,8 +332,8 @@ def queue_messages(count: int, tag: str) -> list[str]:
         )
         for n, message_id in enumerate(ids)
     ]
-    backend = EmailBackend(queue=True, task_backend="dummy", audit_log=False)
-    assert backend.send_messages(messages) == count
+    with socketmail(task_backend="dummy"):
+        assert queued().send_messages(messages) == count
     return ids
 
 
@@ -555,18 +557,11 @@ def test_a_refused_connection_defers_one_batch_not_the_queue(postgres_database: 
     with socket.socket() as probe:  # a port of 127.0.0.1 that nothing listens on
         probe.bind(("127.0.0.1", 0))
         closed_port = probe.getsockname()[1]
-    down = {"EMAIL_HOST": "127.0.0.1", "EMAIL_PORT": closed_port, "EMAIL_TIMEOUT": 5}
+    down = SimpleNamespace(host="127.0.0.1", port=closed_port)
     with override_settings(DATABASE_ROUTERS=[QueueOnPostgres()]):
         queue_messages(300, "down")
-        with override_settings(**down, SOCKETMAIL={"audit_log": False, "task_backend": "dummy"}):
-            counts = Worker("").run()
+        with mailer_at(down, timeout=5, task_backend="dummy"):
+            counts = Worker(MAILER).run()
         after = statuses()
     assert counts.get("deferred", 0) <= BATCH, (counts, after)
     assert after["queued"] >= 300 - BATCH, (counts, after)
-
-
-pytestmark = pytest.mark.skipif(
-    __import__("django").VERSION >= (6, 1),
-    reason="queued delivery's worker builds its mailer from EMAIL_* settings; on Django 6.1 "
-    "(MAILERS) these tests do not yet configure it: known gap, see the closing note",
-)
