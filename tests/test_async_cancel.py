@@ -1,0 +1,451 @@
+"""Random cancellation of concurrent async sends: what is reported SENT, the pool, leaks.
+
+Many concurrent callers on one event loop, each with its own backend (as
+``get_connection()`` gives every ``asend_mail()`` call), all with ``pool=True``: most send
+one message (coalesced runs, :class:`~django_socketmail.async_backend.Coalescer`), some send
+two in one ``asend_messages()`` call and some two calls in an ``async with`` block (both on
+sessions of the loop's pool, cancelled on the driver itself).  The scripted server pauses
+before every reply and sends some in two parts a pause apart, some messages are large, so the
+cancellations (``task.cancel()`` at random moments) land while connecting, mid-command,
+mid-content (DATA, or BDAT when the server offers CHUNKING), and mid-reply.
+
+Then, per Message-ID: nothing the server did not accept is SENT (in ``socketmail_result``
+or in the audit log), nothing it accepted is FAILED or REFUSED, nothing is accepted twice;
+a caller that was not cancelled gets its count and SENT results, and a cancelled one
+``CancelledError`` (the README's contract) and nothing else.  The server saw only
+well-formed commands and whole messages, each exactly as serialized (a half-written
+command followed by anything would show as a malformed line or a mangled message), and
+no pipelining violation.  After the cancellations the pool holds only healthy sessions,
+and a coalesced send and a ``asend_messages([a, b])`` on it succeed.  No task is left once
+the callers and the runs are done, and no socket or thread once the loop is closed.
+
+The random generator's seed is printed; ``SOCKETMAIL_CANCEL_SEED=<n>`` runs that one seed
+instead of the five parametrized ones.  Each seed takes about a second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import random
+import re
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import pytest
+from asgiref.sync import SyncToAsync
+from django.core.mail import EmailMessage
+
+from django_socketmail import async_backend
+from django_socketmail.audit import AuditRecorder
+from django_socketmail.email_backend import EmailBackend
+from django_socketmail.models import MessageLog
+from django_socketmail.serializer import serialize
+from django_socketmail.smtp import RecipientsRefused, SendResult, SendStatus
+
+from .hostile.server import (
+    DEFAULT_EXTENSIONS,
+    Connection,
+    HostileSMTPServer,
+    Script,
+    greet,
+    respond,
+)
+
+SEED_VARIABLE: Final = "SOCKETMAIL_CANCEL_SEED"
+SEEDS: Final = (
+    [int(os.environ[SEED_VARIABLE])] if os.environ.get(SEED_VARIABLE) else [1, 2, 3, 4, 5]
+)
+CALLERS: Final = 60
+CANCELLED_SHARE: Final = 0.5
+LATEST_START: Final = 0.05
+"""Seconds: callers start at random within this."""
+LATEST_CANCEL: Final = 0.25
+"""Seconds after its start: a caller's cancellation falls within this."""
+MAX_PAUSE: Final = 0.006
+"""Seconds the server may wait before a reply."""
+SPLIT_SHARE: Final = 0.2
+"""Replies sent in two parts, a pause apart: cancellations land mid-reply."""
+LARGE_SHARE: Final = 0.12
+LARGE_BODY_LINES: Final = 8000
+"""About 600 kB: more than the socket buffers take at once while the server pauses."""
+REFUSED_SHARE: Final = 0.1
+"""Coalesced messages whose one recipient the server refuses (550)."""
+DATE: Final = "Thu, 01 Jan 2026 12:00:00 +0000"
+TIMEOUT: Final = 5.0
+FD_DIR: Final = "/proc/self/fd"
+WELL_FORMED: Final = re.compile(
+    rb"EHLO [\w.\[\]:-]+"
+    rb"|MAIL FROM:<[^<>\s]*>(?: [A-Z0-9-]+(?:=\S+)?)*"
+    rb"|RCPT TO:<[^<>\s]*>(?: [A-Z0-9-]+(?:=\S+)?)*"
+    rb"|DATA|BDAT \d+(?: LAST)?|RSET|NOOP|QUIT"
+)
+MESSAGE_ID: Final = re.compile(rb"(?im)^Message-ID: (<[^>]+>)\r$")
+
+
+@dataclass
+class SlowServer:
+    """The rules of a server that pauses before each reply and splits some: what it accepted
+    (the Message-IDs it answered 250 to at the end of a message, recorded before the reply
+    is sent, as a real server queues the message before it replies)."""
+
+    rng: random.Random
+    accepted: list[str] = field(default_factory=list)
+    valid_rcpts: dict[int, int] = field(default_factory=dict)
+    rng_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def answer(self, conn: Connection, code: int, text: str) -> None:
+        """Pause, then reply; some replies in two parts, a pause apart."""
+        data = f"{code} {text}\r\n".encode()
+        with self.rng_lock:
+            pause = self.rng.uniform(0, MAX_PAUSE)
+            split = self.rng.randrange(1, len(data)) if self.rng.random() < SPLIT_SHARE else 0
+            gap = self.rng.uniform(0, MAX_PAUSE)
+        conn.sleep(pause)
+        if split:
+            conn.send(data[:split])
+            conn.sleep(gap)
+        conn.send(data[split:])
+
+    def mail(self, conn: Connection, line: bytes) -> None:
+        self.valid_rcpts[conn.index] = 0
+        self.answer(conn, 250, "2.1.0 Ok")
+
+    def rcpt(self, conn: Connection, line: bytes) -> None:
+        if b"nobody" in line:
+            self.answer(conn, 550, "5.1.1 User unknown")
+        else:
+            self.valid_rcpts[conn.index] += 1
+            self.answer(conn, 250, "2.1.5 Ok")
+
+    def data(self, conn: Connection, line: bytes) -> None:
+        if not self.valid_rcpts.get(conn.index):
+            self.answer(conn, 554, "5.5.1 No valid recipients")
+            return
+        self.answer(conn, 354, "End data with <CR><LF>.<CR><LF>")
+        conn.read_data()
+        self.queued(conn)
+
+    def bdat(self, conn: Connection, line: bytes) -> None:
+        words = line.split()
+        conn.read_bytes(int(words[1]))
+        if len(words) < 3:
+            self.answer(conn, 250, f"2.0.0 {words[1].decode()} octets received")
+        elif not self.valid_rcpts.get(conn.index):
+            conn.end_transaction()  # no recipient took it: not a message the server has
+            self.answer(conn, 554, "5.5.1 No valid recipients")
+        else:
+            conn.end_bdat()
+            self.queued(conn)
+
+    def queued(self, conn: Connection) -> None:
+        [mid] = MESSAGE_ID.findall(conn.messages[-1])
+        with self.rng_lock:
+            self.accepted.append(mid.decode())
+        self.answer(conn, 250, f"2.0.0 Ok: queued as C{conn.index}N{len(conn.messages)}")
+
+    def script(self, *, chunking: bool) -> Script:
+        rules = {"MAIL": self.mail, "RCPT": self.rcpt, "DATA": self.data, "BDAT": self.bdat}
+        extensions = [*DEFAULT_EXTENSIONS, *(["CHUNKING"] if chunking else [])]
+        return Script([greet(), respond(rules, extensions=extensions)])
+
+
+@dataclass
+class Caller:
+    """One caller: how it sends, what, when it starts and when (if at all) it is cancelled."""
+
+    kind: str
+    """``coalesced`` (one message), ``batch`` (two in one call), ``block`` (two calls in an
+    ``async with`` block)."""
+    messages: list[EmailMessage]
+    start: float
+    cancel_at: float | None
+    cancelled: bool = False
+    """``task.cancel()`` was called while the task was not done yet."""
+    outcome: Any = None
+
+
+def make_message(rng: random.Random, seed: int, index: int, *, refusable: bool) -> EmailMessage:
+    tag = f"s{seed}-m{index:03d}"
+    refused = refusable and rng.random() < REFUSED_SHARE
+    body = f"Body of {tag}.\n"
+    if rng.random() < LARGE_SHARE:
+        body += "".join(f"{tag} line {n:05d} {'x' * 50}\n" for n in range(LARGE_BODY_LINES))
+    return EmailMessage(
+        f"cancel {tag}",
+        body,
+        "sender@example.com",
+        [f"nobody-{tag}@example.com" if refused else f"{tag}@example.com"],
+        headers={"Message-ID": f"<{tag}@cancel.test>", "Date": DATE},
+    )
+
+
+def make_callers(rng: random.Random, seed: int) -> list[Caller]:
+    callers: list[Caller] = []
+    index = 0
+    for _ in range(CALLERS):
+        kind = rng.choices(["coalesced", "batch", "block"], weights=[6, 2, 2])[0]
+        messages = []
+        for _ in range(1 if kind == "coalesced" else 2):
+            messages.append(make_message(rng, seed, index, refusable=kind == "coalesced"))
+            index += 1
+        start = rng.uniform(0, LATEST_START)
+        cancelled = rng.random() < CANCELLED_SHARE
+        cancel_at = start + rng.uniform(0, LATEST_CANCEL) if cancelled else None
+        callers.append(Caller(kind, messages, start, cancel_at))
+    return callers
+
+
+def expected_bytes(msg: EmailMessage) -> bytes:
+    """The content the server must have received for ``msg``: its serialization, ending in
+    CRLF."""
+    data = serialize(msg)
+    return data if data.endswith(b"\r\n") else data + b"\r\n"
+
+
+def mid(msg: EmailMessage) -> str:
+    return str(msg.extra_headers["Message-ID"])
+
+
+def result_of(msg: EmailMessage) -> SendResult | None:
+    result = getattr(msg, "socketmail_result", None)
+    assert result is None or isinstance(result, SendResult)
+    return result
+
+
+def open_fds() -> int:
+    return len(os.listdir(FD_DIR))
+
+
+@pytest.fixture
+def baseline() -> tuple[int, int]:
+    """File descriptors and threads before the test (asgiref's one thread for
+    ``thread_sensitive`` calls lives for the process: started first)."""
+    SyncToAsync.single_thread_executor.submit(lambda: None).result()
+    gc.collect()
+    return open_fds(), threading.active_count()
+
+
+async def play(caller: Caller, options: dict[str, Any]) -> int | list[int]:
+    await asyncio.sleep(caller.start)
+    backend = EmailBackend(**options)  # what get_connection() gives each call
+    if caller.kind == "block":
+        async with backend:
+            return [await backend.asend_messages([m]) for m in caller.messages]
+    return await backend.asend_messages(caller.messages)
+
+
+async def burst(callers: list[Caller], options: dict[str, Any]) -> None:
+    """Start every caller, cancel the chosen ones on time, wait for all and for the runs."""
+    loop = asyncio.get_running_loop()
+    tasks = [asyncio.ensure_future(play(c, options)) for c in callers]
+
+    def cancel(caller: Caller, task: asyncio.Task[Any]) -> None:
+        caller.cancelled = not task.done()
+        task.cancel()
+
+    for caller, task in zip(callers, tasks, strict=True):
+        if caller.cancel_at is not None:
+            loop.call_later(caller.cancel_at, cancel, caller, task)
+    outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+    for caller, outcome in zip(callers, outcomes, strict=True):
+        caller.outcome = outcome
+    await asyncio.sleep(LATEST_START + LATEST_CANCEL)  # every cancel_at has passed
+    deadline = time.monotonic() + TIMEOUT
+    while asyncio.all_tasks() - {asyncio.current_task()}:  # the coalesced runs finish
+        assert time.monotonic() < deadline, asyncio.all_tasks()
+        await asyncio.sleep(0.01)
+
+
+async def after(options: dict[str, Any], seed: int) -> list[EmailMessage]:
+    """The pool after the cancellations: only healthy sessions; a coalesced send and a
+    two-message call on it succeed."""
+    pool = await async_backend.loop_pool()
+    for group in pool._idle.values():
+        for session in group:
+            assert session.error is None, session.error
+            assert session.client.is_connected
+            assert not session.client.peer_has_spoken()
+    # Every connection still open is one of the pool's: none was dropped on the floor (its
+    # socket would only close when the garbage collector finds its transport).
+    still_open = open_transports()
+    assert len(still_open) == pool.idle_count(), still_open
+    rng = random.Random(seed)
+    one = make_message(rng, seed, 900, refusable=False)
+    two = [make_message(rng, seed, 901 + n, refusable=False) for n in range(2)]
+    assert await EmailBackend(**options).asend_messages([one]) == 1
+    assert await EmailBackend(**options).asend_messages(two) == 2
+    return [one, *two]
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("seed", SEEDS)
+def test_random_cancellations(seed: int, baseline: tuple[int, int]) -> None:
+    print(f"seed {seed} (run it alone: {SEED_VARIABLE}={seed})")
+    rng = random.Random(seed)
+    chunking = seed % 2 == 0
+    server_rules = SlowServer(random.Random(rng.random()))
+    callers = make_callers(rng, seed)
+    with HostileSMTPServer(
+        server_rules.script(chunking=chunking), max_received=256 * 1024 * 1024
+    ) as server:
+        options = {
+            "host": server.host,
+            "port": server.port,
+            "timeout": TIMEOUT,
+            "local_hostname": "client.example",
+            "pool": True,
+            "audit_log": True,
+        }
+
+        async def main() -> list[EmailMessage]:
+            await burst(callers, options)
+            return await after(options, seed)
+
+        extra = asyncio.run(main(), debug=True)
+        assert server.wait_closed(count=len(server.connections), timeout=TIMEOUT)
+    connections = server.connections
+    accepted = Counter(server_rules.accepted)
+
+    # Each caller: its count, or CancelledError if (and only if) it was cancelled.
+    outcomes = Counter[str]()
+    for caller in callers:
+        outcome = caller.outcome
+        if isinstance(outcome, asyncio.CancelledError):
+            assert caller.cancelled, caller
+            outcomes["cancelled"] += 1
+            continue
+        statuses = [getattr(result_of(m), "status", None) for m in caller.messages]
+        if caller.kind == "coalesced" and "nobody" in caller.messages[0].to[0]:
+            assert isinstance(outcome, RecipientsRefused), (caller, outcome)
+            assert statuses == [SendStatus.REFUSED]
+            outcomes["refused"] += 1
+            continue
+        expected = [1, 1] if caller.kind == "block" else len(caller.messages)
+        assert outcome == expected, (caller, outcome)
+        assert statuses == [SendStatus.SENT] * len(caller.messages)
+        outcomes["sent"] += 1
+    print(f"callers: {dict(outcomes)}; connections: {len(connections)}")
+    assert outcomes["cancelled"] > 0
+
+    # Per Message-ID: nothing SENT that the server did not accept, nothing accepted reported
+    # as not sent, nothing accepted twice; the audit log says what the results say.
+    messages = [m for c in callers for m in c.messages] + extra
+    rows = Counter[tuple[str, str]](MessageLog.objects.values_list("message_id", "status"))
+    statuses = Counter[str]()
+    for msg in messages:
+        result = result_of(msg)
+        status = "none" if result is None else result.status.value
+        statuses[status] += 1
+        assert accepted[mid(msg)] <= 1, mid(msg)
+        if status == "sent":
+            assert accepted[mid(msg)] == 1, (mid(msg), result)
+            assert result is not None
+            assert result.queue_id
+        elif status in ("none", "failed", "refused"):
+            assert accepted[mid(msg)] == 0, (mid(msg), result)
+        else:
+            assert status == "unknown", (mid(msg), result)
+        logged = {s: n for (m, s), n in rows.items() if m == mid(msg)}
+        assert logged == ({} if result is None else {status: 1}), (mid(msg), logged, result)
+    print(f"messages: {dict(statuses)}")
+    assert set(accepted) <= {mid(m) for m in messages}
+    assert statuses["sent"] > 0
+
+    # The server saw well-formed commands only, and each message whole, as serialized.
+    by_id = {mid(m): expected_bytes(m) for m in messages}
+    for conn in connections:
+        assert conn.errors == []
+        assert conn.violations == []
+        for command in conn.commands:
+            assert WELL_FORMED.fullmatch(command), (conn, command)
+        for content in conn.messages:
+            [found] = MESSAGE_ID.findall(content)
+            assert content == by_id[found.decode()], conn
+    assert not server.pipelined_violation
+    assert len(server.messages) == sum(accepted.values())
+
+    # Nothing left open once the loop and the server are closed.
+    fds, threads = baseline
+    gc.collect()
+    deadline = time.monotonic() + 2.0
+    while open_fds() > fds or threading.active_count() > threads:
+        assert time.monotonic() < deadline, (open_fds(), fds, threading.active_count(), threads)
+        time.sleep(0.01)
+
+
+def open_transports() -> list[asyncio.Transport]:
+    """The asyncio transports not closed (nor closing), found by the garbage collector."""
+    gc.collect()
+    return [t for t in gc.get_objects() if isinstance(t, asyncio.Transport) and not t.is_closing()]
+
+
+@pytest.mark.parametrize("kind", ["batch", "block"])
+def test_a_caller_cancelled_while_giving_its_connection_back_does_not_drop_it(
+    kind: str, baseline: tuple[int, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The send is done and the backend is giving the session back to the loop's pool
+    (writing its audit rows in a thread first) when the caller is cancelled: the caller gets
+    CancelledError, its messages stay SENT, and the healthy connection is pooled (not left
+    open outside the pool until the garbage collector finds it), so the next call reuses it.
+    ``batch``: the end of a two-message ``asend_messages()``; ``block``: ``async with``'s
+    exit."""
+    flushes: list[int] = []
+    entered, go_on = threading.Event(), threading.Event()
+    flush = AuditRecorder.flush
+    hold_at = 1 if kind == "batch" else 2  # a block's first flush ends the call inside it
+
+    def held(self: AuditRecorder) -> None:
+        flushes.append(1)
+        if len(flushes) == hold_at:
+            entered.set()
+            go_on.wait(TIMEOUT)
+        flush(self)
+
+    monkeypatch.setattr(AuditRecorder, "flush", held)
+    rng = random.Random(0)
+    first = [make_message(rng, 0, n, refusable=False) for n in range(2)]
+    then = [make_message(rng, 0, n, refusable=False) for n in range(2, 4)]
+    with HostileSMTPServer(Script([greet(), respond({})])) as server:
+        options = {
+            "host": server.host,
+            "port": server.port,
+            "timeout": TIMEOUT,
+            "local_hostname": "client.example",
+            "pool": True,
+        }
+
+        async def send(backend: EmailBackend) -> int:
+            if kind == "block":
+                async with backend:
+                    return await backend.asend_messages(first)
+            return await backend.asend_messages(first)
+
+        async def main() -> None:
+            task = asyncio.ensure_future(send(EmailBackend(**options)))
+            while not entered.is_set():
+                assert not task.done(), task
+                await asyncio.sleep(0.001)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            go_on.set()
+            deadline = time.monotonic() + TIMEOUT
+            while asyncio.all_tasks() - {asyncio.current_task()}:
+                assert time.monotonic() < deadline, asyncio.all_tasks()
+                await asyncio.sleep(0.01)
+            pool = await async_backend.loop_pool()
+            assert pool.idle_count() == 1
+            assert len(open_transports()) == 1
+            assert await EmailBackend(**options).asend_messages(then) == 2
+
+        asyncio.run(main(), debug=True)
+        assert server.wait_closed(timeout=TIMEOUT)
+    assert [getattr(result_of(m), "status", None) for m in first + then] == [SendStatus.SENT] * 4
+    [conn] = server.connections  # the second call reused the connection
+    assert len(conn.messages) == 4
+    assert conn.commands[-1] == b"QUIT"  # the loop's end QUIT it
