@@ -20,7 +20,9 @@ engine, so no message is reported SENT that the server did not accept), records 
 message of the run in flight with its truthful result, ends the session and re-raises.
 With ``pool=True`` outside ``async with``, sends are coalesced (:class:`Coalescer`): the
 run belongs to the mailer, so a cancelled caller stops waiting while its message finishes
-(and is recorded) with the others'.
+(and is recorded) with the others'.  A caller cancelled once its messages are settled, while
+its session is given back to the pool or ended (``async with``'s exit too), stops waiting at
+once: the session still reaches the pool (or its QUIT) in a task of its own.
 """
 
 from __future__ import annotations
@@ -412,7 +414,15 @@ def _finish(request: _Request, error: BaseException | None) -> None:
 
 
 async def _release(backend: _Host, session: AsyncSession) -> None:
-    await flush_in_thread(session.recorder)
+    """Write the session's audit rows (in a thread), then give it to the loop's pool, which
+    keeps or ends it.  Cancelled while the rows are written (the write goes on in its
+    thread), the session is closed at once, not dropped open, and the cancellation
+    propagates: it cannot go to the pool while that thread still reads its recorder."""
+    try:
+        await flush_in_thread(session.recorder)
+    except asyncio.CancelledError:
+        session.client.close()
+        raise
     await (await loop_pool()).release(session, backend._limits)
 
 
@@ -564,16 +574,24 @@ class AsyncBackendMixin:
                     await flush_in_thread(state.session.recorder)
 
 
+_ENDING: set[asyncio.Task[None]] = set()
+"""Sessions being given back or ended for callers that may have stopped waiting."""
+
+
 async def _end_session(backend: _Host, state: _AsyncState) -> None:
-    """Give the session back to the loop's pool (``pool=True``), or end it."""
+    """Give the session back to the loop's pool (``pool=True``), or end it, in a task of its
+    own: a cancellation of the caller meanwhile propagates at once and does not stop this
+    half way (which left a session neither pooled nor closed)."""
     session, state.session = state.session, None
     if session is None:
         return
     if backend.options.pool and session.loop is _running_loop():
-        await flush_in_thread(session.recorder)
-        await (await loop_pool()).release(session, backend._limits)
+        task = asyncio.ensure_future(_release(backend, session))
     else:
-        await session.end()
+        task = asyncio.ensure_future(session.end())
+    _ENDING.add(task)
+    task.add_done_callback(_ENDING.discard)
+    await asyncio.shield(task)
 
 
 async def _send_all(backend: _Host, state: _AsyncState, messages: list[EmailMessage]) -> int:
