@@ -94,42 +94,60 @@ RUN_PENDING: Final = timedelta(seconds=60)
 
 def store(backend: EmailBackend, messages: Sequence[EmailMessage]) -> int:
     """Store ``messages`` for delivery in the caller's transaction and enqueue the task on
-    commit; return how many were stored.  Addresses are checked now (a bad one raises
-    ``InvalidAddressError`` and nothing of this call is stored)."""
+    commit; return how many were stored.
+
+    Every address is checked and every message serialized before the first statement: a
+    bad address raises ``InvalidAddressError`` and nothing of this call is stored.  The
+    rows then go in with two statements whatever their number (the outbox rows, their
+    contents) where the database returns the ids of a bulk insert (PostgreSQL, SQLite,
+    MariaDB), in the caller's transaction without a savepoint of their own, or in one of
+    their own in autocommit mode."""
     options = backend.options
+    mailer = backend.mailer_alias
     alias = router.db_for_write(OutboxMessage)
-    stored: list[tuple[EmailMessage, OutboxMessage, list[str], int]] = []
-    with transaction.atomic(using=alias):
-        for message in messages:
-            delivery = _delivery_of(message, options.delivery)
-            sender = prepare_address(
-                (delivery.envelope_sender if delivery else None) or message.from_email
-            ).addr_spec
-            recipients = list(
-                dict.fromkeys(prepare_address(a).addr_spec for a in message.recipients())
-            )
-            data = b"".join(serialize_parts(message))
-            row = OutboxMessage.objects.using(alias).create(
-                mailer=backend.mailer_alias,
-                sender=sender,
-                recipients=recipients,
-                message_id=_message_id(data),
-                subject=str(message.subject)[:255],
-                size=len(data),
-                delivery=_delivery_json(delivery),
-            )
-            OutboxContent.objects.using(alias).create(message=row, data=data)
-            stored.append((message, row, recipients, len(data)))
+    prepared: list[tuple[EmailMessage, OutboxMessage, bytes]] = []
+    for message in messages:
+        delivery = _delivery_of(message, options.delivery)
+        sender = prepare_address(
+            (delivery.envelope_sender if delivery else None) or message.from_email
+        ).addr_spec
+        recipients = list(dict.fromkeys(prepare_address(a).addr_spec for a in message.recipients()))
+        data = b"".join(serialize_parts(message))
+        row = OutboxMessage(
+            mailer=mailer,
+            sender=sender,
+            recipients=recipients,
+            message_id=_message_id(data),
+            subject=str(message.subject)[:255],
+            size=len(data),
+            delivery=_delivery_json(delivery),
+        )
+        prepared.append((message, row, data))
+    if not prepared:
+        return 0
+    rows = [row for _, row, _ in prepared]
+    with transaction.atomic(using=alias, savepoint=False):
+        if transaction.get_connection(alias).features.can_return_rows_from_bulk_insert:
+            OutboxMessage.objects.using(alias).bulk_create(rows)
+            contents = [OutboxContent(message=row, data=data) for _, row, data in prepared]
+            OutboxContent.objects.using(alias).bulk_create(contents)
+        else:
+            for _, row, data in prepared:
+                row.save(using=alias, force_insert=True)
+                OutboxContent.objects.using(alias).create(message=row, data=data)
+        for message, row, _ in prepared:
             signals.message_queued.send(sender=OutboxMessage, outbox=row, message=message)
-        mailer, tasks_alias = backend.mailer_alias, options.task_backend
+        tasks_alias = options.task_backend
         transaction.on_commit(lambda: enqueue(mailer, tasks_alias), using=alias)
     from .email_backend import RESULT_ATTRIBUTE
 
-    for message, row, recipients, size in stored:
-        result = SendResult(row.sender, [RecipientResult(r) for r in recipients], size=size)
+    for message, row, data in prepared:
+        result = SendResult(
+            row.sender, [RecipientResult(r) for r in row.recipients], size=len(data)
+        )
         result.outbox_id = row.pk
         setattr(message, RESULT_ATTRIBUTE, result)
-    return len(stored)
+    return len(prepared)
 
 
 def enqueue(mailer: str, tasks_alias: str, *, at: datetime | None = None) -> None:

@@ -424,3 +424,31 @@ def test_options_the_worker_would_not_see_are_refused() -> None:
         assert "s3cret-given" not in str(caught.value)
         queued()  # what the settings say: accepted
     assert server.connections == []
+
+
+def test_a_queued_call_costs_two_inserts_in_the_callers_transaction() -> None:
+    """Every address checked and every message serialized before the first statement; then
+    one INSERT of the rows and one of their contents, whatever their number, and no
+    savepoint of their own.  A bad address anywhere: no statement at all."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from django_socketmail.smtp import InvalidAddressError
+
+    with socketmail(task_backend="dummy"):
+        backend = queued()
+        with transaction.atomic(), CaptureQueriesContext(connection) as ran:
+            assert backend.send_messages([message("one"), message("two"), message("three")]) == 3
+        statements = [q["sql"].split()[0].upper() for q in ran.captured_queries]
+        inserts = [q["sql"] for q in ran.captured_queries if q["sql"].startswith("INSERT")]
+        assert "SAVEPOINT" not in statements
+        assert len(inserts) == 2
+        assert "socketmail_outbox" in inserts[0] and "content" in inserts[1]
+        assert [r.subject for r in rows()] == ["one", "two", "three"]
+        assert [bytes(r.content.data).count(b"Subject: ") for r in rows()] == [1, 1, 1]
+
+        bad = message("bad", to=["not an address"])
+        with CaptureQueriesContext(connection) as ran, pytest.raises(InvalidAddressError):
+            backend.send_messages([message("fine"), bad])
+        assert ran.captured_queries == []
+    assert len(rows()) == 3
