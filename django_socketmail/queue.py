@@ -182,17 +182,54 @@ def kick(mailer: str) -> None:
 
 
 def _request_run(mailer: str) -> bool:
-    """Mark a run as pending for ``mailer``; False when one already is."""
+    """Mark a run as pending for ``mailer``; False when one already is.
+
+    On PostgreSQL and SQLite 3.35+ this is one statement (an upsert whose update only
+    happens when no run is pending, returning a row when it marked one); elsewhere the
+    state row is made if missing, then marked by a conditional UPDATE."""
     alias = router.db_for_write(MailerState)
-    states = MailerState.objects.using(alias)
     now = timezone.now()
+    cutoff = now - RUN_PENDING
+    connection = transaction.get_connection(alias)
+    if connection.vendor == "postgresql" or (
+        connection.vendor == "sqlite" and connection.features.can_return_columns_from_insert
+    ):
+        return _request_run_upsert(connection, mailer, now, cutoff)
+    states = MailerState.objects.using(alias)
     try:
         with transaction.atomic(using=alias):
             states.get_or_create(mailer=mailer)
     except IntegrityError:  # made at the same moment by another process
         pass
-    free = Q(run_requested__isnull=True) | Q(run_requested__lt=now - RUN_PENDING)
+    free = Q(run_requested__isnull=True) | Q(run_requested__lt=cutoff)
     return bool(states.filter(free, mailer=mailer).update(run_requested=now))
+
+
+def _request_run_upsert(connection: Any, mailer: str, now: datetime, cutoff: datetime) -> bool:
+    """:func:`_request_run` in one ``INSERT ... ON CONFLICT DO UPDATE ... WHERE ...
+    RETURNING`` (the new row's other columns take their model defaults)."""
+    meta = MailerState._meta
+    row = MailerState(mailer=mailer, run_requested=now)
+    fields = list(meta.concrete_fields)
+    requested = next(f for f in fields if f.name == "run_requested")
+    quote = connection.ops.quote_name
+    table = quote(meta.db_table)
+    column = quote(requested.column)
+    key = quote(meta.pk.column)
+    columns = ", ".join(quote(f.column) for f in fields)
+    # Names from the model, values bound.
+    sql = (
+        f"INSERT INTO {table} ({columns}) "  # noqa: S608
+        f"VALUES ({', '.join(['%s'] * len(fields))}) "
+        f"ON CONFLICT ({key}) DO UPDATE SET {column} = excluded.{column} "
+        f"WHERE {table}.{column} IS NULL OR {table}.{column} < %s "
+        f"RETURNING {key}"
+    )
+    params = [f.get_db_prep_save(getattr(row, f.attname), connection) for f in fields]
+    params.append(requested.get_db_prep_value(cutoff, connection))
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        return cursor.fetchone() is not None
 
 
 def run_started(mailer: str) -> None:

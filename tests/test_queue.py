@@ -22,6 +22,7 @@ from django_socketmail.smtp import SendResult, SendStatus
 from django_socketmail.worker import Worker
 
 from .hostile.server import HostileSMTPServer, Script, close, cycle, reply, standard_session
+from .pg import ALIAS
 from .queueing import MAILER, mailer_at, queued, socketmail
 
 pytestmark = [pytest.mark.django_db(transaction=True)]
@@ -452,3 +453,65 @@ def test_a_queued_call_costs_two_inserts_in_the_callers_transaction() -> None:
             backend.send_messages([message("fine"), bad])
         assert ran.captured_queries == []
     assert len(rows()) == 3
+
+
+class StatesOn:
+    """Route the mailers' state rows to ``alias``."""
+
+    def __init__(self, alias: str) -> None:
+        self.alias = alias
+
+    def db_for_write(self, model: Any, **hints: Any) -> str | None:
+        return self.alias if model._meta.model_name == "mailerstate" else None
+
+    db_for_read = db_for_write
+
+
+UPSERT = pytest.mark.parametrize("upsert", [True, False], ids=["one-statement", "portable"])
+
+
+@UPSERT
+def test_one_pending_run_per_mailer_on_sqlite(
+    upsert: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    check_pending_runs("default", upsert, monkeypatch)
+
+
+@UPSERT
+@pytest.mark.django_db(transaction=True, databases=["default", ALIAS])
+def test_one_pending_run_per_mailer_on_postgresql(
+    upsert: bool, postgres_database: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    check_pending_runs(postgres_database, upsert, monkeypatch)
+
+
+def check_pending_runs(alias: str, upsert: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both ways of marking a run pending (the upsert of PostgreSQL and SQLite, the
+    get-or-create and conditional UPDATE of the other databases) agree: the first request
+    marks it, the next ones find it pending, a run's start or :data:`RUN_PENDING` frees it."""
+    from django.db import connections
+    from django.test import override_settings
+    from django.test.utils import CaptureQueriesContext
+
+    from django_socketmail import queue
+    from django_socketmail.outbox import MailerState
+
+    if not upsert:
+        vendor = connections[alias].vendor
+        monkeypatch.setattr(connections[alias], "vendor", f"not-{vendor}")
+    with override_settings(DATABASE_ROUTERS=[StatesOn(alias)]):
+        states = MailerState.objects.using(alias)
+        states.filter(mailer__in=["m", "n"]).delete()
+        with CaptureQueriesContext(connections[alias]) as ran:
+            first = queue._request_run("m")
+        assert first is True
+        assert len(ran.captured_queries) == (1 if upsert else 7)
+        assert [queue._request_run("m") for _ in range(3)] == [False, False, False]
+        assert queue._request_run("n") is True  # another mailer: its own run
+        queue.run_started("m")
+        assert queue._request_run("m") is True
+        states.filter(mailer="m").update(run_requested=timezone.now() - queue.RUN_PENDING * 2)
+        assert queue._request_run("m") is True
+        row = states.get(mailer="m")
+        assert (row.throttles, row.last_throttle_reply, row.down_until) == (0, "", None)
+        states.filter(mailer__in=["m", "n"]).delete()
