@@ -515,3 +515,33 @@ def check_pending_runs(alias: str, upsert: bool, monkeypatch: pytest.MonkeyPatch
         row = states.get(mailer="m")
         assert (row.throttles, row.last_throttle_reply, row.down_until) == (0, "", None)
         states.filter(mailer__in=["m", "n"]).delete()
+
+
+def test_purge_deletes_old_terminal_messages_in_bounded_batches() -> None:
+    """``socketmail_queue --purge-days`` at scale: terminal rows older than the cutoff go in
+    batches of at most :data:`PURGE_BATCH` (each its own short transaction, memory bounded),
+    with their contents; the count printed is of messages; due and recent rows stay."""
+    from io import StringIO
+
+    from django.core.management import call_command
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from django_socketmail.management.commands.socketmail_queue import PURGE_BATCH
+
+    old = PURGE_BATCH * 2 + 500
+    with socketmail(task_backend="dummy"):
+        queued().send_messages([message(f"m{n}") for n in range(old + 2)])
+    ids = [r.pk for r in rows()]
+    long_ago = timezone.now() - timedelta(days=40)
+    OutboxMessage.objects.filter(pk__in=ids[:old]).update(status="sent", created=long_ago)
+    OutboxMessage.objects.filter(pk=ids[old]).update(status="sent")  # recent: kept
+    out = StringIO()
+    with CaptureQueriesContext(connection) as ran:
+        call_command("socketmail_queue", "--purge-days", "30", stdout=out)
+    assert f"purged {old} messages" in out.getvalue()
+    assert sorted(r.pk for r in rows()) == ids[old:]
+    assert OutboxContent.objects.count() == 2
+    deletes = [q["sql"] for q in ran.captured_queries if q["sql"].startswith("DELETE")]
+    assert deletes, "nothing deleted"
+    assert max(d.count(",") for d in deletes) < PURGE_BATCH

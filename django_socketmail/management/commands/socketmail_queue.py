@@ -19,6 +19,9 @@ from django.utils import timezone
 
 from django_socketmail.outbox import DUE, TERMINAL, OutboxMessage
 
+PURGE_BATCH = 1000
+"""Messages deleted per statement (and per transaction) by ``--purge-days``."""
+
 
 class Command(BaseCommand):
     help = "Show the outbox of queued mail; recover abandoned leases, deliver, purge."
@@ -50,9 +53,19 @@ class Command(BaseCommand):
             old = OutboxMessage.objects.filter(status__in=TERMINAL, created__lt=cutoff)
             if mailer is not None:
                 old = old.filter(mailer=mailer)
-            deleted, _ = old.delete()
-            self.stdout.write(f"purged {deleted} rows")
+            self.stdout.write(f"purged {self._purge(old)} messages")
         self._status(mailer)
+
+    @staticmethod
+    def _purge(old: Any) -> int:
+        """Delete the rows of ``old`` with their contents, :data:`PURGE_BATCH` at a time,
+        each batch in a transaction of its own (audit rows keep their history, their link
+        set to NULL); return how many messages went."""
+        purged = 0
+        while batch := list(old.order_by().values_list("pk", flat=True)[:PURGE_BATCH]):
+            OutboxMessage.objects.filter(pk__in=batch).delete()
+            purged += len(batch)
+        return purged
 
     def _due_mailers(self) -> list[str]:
         due = OutboxMessage.objects.filter(status__in=DUE, next_attempt__lte=timezone.now())
