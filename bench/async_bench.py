@@ -501,12 +501,12 @@ class Report:
         ]
         out += _table(["machine", ""], [[k, v] for k, v in self.facts.items() if k != "date"])
         rows, met = self.targets()
-        out += ["", "#### Targets (issue 13)", ""]
+        out += ["", "### Targets (issue 13)", ""]
         out += _table(["case", "target", "measured", "met"], rows)
         out += ["", f"{met} of {len(rows)} targets met."]
         out += [
             "",
-            f"#### Bursts of {self.count} concurrent sends (10 ms RTT, STARTTLS + AUTH)",
+            f"### Bursts of {self.count} concurrent sends (10 ms RTT, STARTTLS + AUTH)",
             "",
         ]
         header = [
@@ -547,7 +547,7 @@ class Report:
                 )
         out += _table(header, body)
         if self.singles:
-            out += ["", "#### Single calls, each alone (10 ms RTT)", ""]
+            out += ["", "### Single calls, each alone (10 ms RTT)", ""]
             rows2 = [
                 [
                     f"`{s.label}`",
@@ -571,7 +571,7 @@ class Report:
                 ],
                 rows2,
             )
-        out += ["", "#### Notes", ""]
+        out += ["", "### Notes", ""]
         out += [f"- {note}" for note in self.notes]
         return "\n".join(out) + "\n"
 
