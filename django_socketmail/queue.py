@@ -246,15 +246,20 @@ def deliver(mailer: str) -> dict[str, int]:
     return Worker(mailer).run()
 
 
-def recover(mailer: str | None = None, *, now: datetime | None = None) -> dict[str, int]:
+def recover(
+    mailer: str | None = None, *, now: datetime | None = None, owner: str | None = None
+) -> dict[str, int]:
     """Turn rows whose lease expired (by ``now``) into ``unknown`` (their content may have
     reached the server) or ``queued`` and due (their content was not written).  ``mailer``
-    None: every mailer."""
+    None: every mailer.  ``owner``: instead, the rows that worker holds, expired or not
+    (a worker giving up its own)."""
     now = now or timezone.now()
     alias = router.db_for_write(OutboxMessage)
-    expired = OutboxMessage.objects.using(alias).filter(
-        status=OutboxStatus.SENDING, lease_expires__lt=now
-    )
+    expired = OutboxMessage.objects.using(alias).filter(status=OutboxStatus.SENDING)
+    if owner is not None:
+        expired = expired.filter(lease_owner=owner)
+    else:
+        expired = expired.filter(lease_expires__lt=now)
     if mailer is not None:
         expired = expired.filter(mailer=mailer)
     unknown = expired.filter(content_may_have_left=True).update(

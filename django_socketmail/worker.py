@@ -41,6 +41,11 @@ CONNECT_PAUSE: Final = 30.0
 """Seconds a mailer waits after its server could not be reached (every worker)."""
 
 
+class LeaseLost(Exception):
+    """Rows this worker was about to write had been taken from it (its lease expired and
+    another run recovered them): their content must not go out from here."""
+
+
 class Worker:
     """One run of :func:`deliver` for one mailer."""
 
@@ -92,6 +97,12 @@ class Worker:
                 rows = self.claim(turns)
                 if not rows or not self.send(backend, rows):
                     break
+        except LeaseLost as lost:
+            # Stalled past the lease: what is still ours is given up as recovery would
+            # (unknown if its content may have left, else queued); the run stops.
+            logger.warning("django-socketmail: %s; the run stops", lost)
+            backend.close()
+            recover(self.mailer, owner=self.token)
         finally:
             backend.close()
             if self._sending is not backend and self._sending is not None:
@@ -224,11 +235,19 @@ class Worker:
 
     def _before_write(self, write: Write, by_result: dict[int, int]) -> None:
         """Before bytes go out: record that these messages' content may leave (committed
-        first), and renew the lease when a third of it has passed."""
-        ids = [by_result[id(r)] for r in write.content if id(r) in by_result]
+        first), and renew the lease when a third of it has passed.  Raises
+        :class:`LeaseLost` (nothing of the write goes out) when any of them is no longer
+        this worker's."""
+        ids = {by_result[id(r)] for r in write.content if id(r) in by_result}
         objects = OutboxMessage.objects.using(self.alias).filter(lease_owner=self.token)
         if ids:
-            objects.filter(pk__in=ids).update(content_may_have_left=True)
+            held = objects.filter(pk__in=ids, status=OutboxStatus.SENDING)
+            if held.update(content_may_have_left=True) != len(ids):
+                raise LeaseLost(
+                    f"the lease on queued messages {sorted(ids)} was taken over by another "
+                    f"run before their content was written (this worker stalled for more "
+                    f"than {LEASE})"
+                )
         if time.monotonic() >= self._renew_at:
             objects.filter(status=OutboxStatus.SENDING).update(lease_expires=timezone.now() + LEASE)
             if self.limits is not None:

@@ -545,3 +545,35 @@ def test_purge_deletes_old_terminal_messages_in_bounded_batches() -> None:
     deletes = [q["sql"] for q in ran.captured_queries if q["sql"].startswith("DELETE")]
     assert deletes, "nothing deleted"
     assert max(d.count(",") for d in deletes) < PURGE_BATCH
+
+
+def test_a_worker_whose_lease_was_taken_over_writes_no_content() -> None:
+    """A worker stalled past its lease (the rows recovered and queued again by another
+    worker's run) must not then write their content: the other worker will send them, so
+    writing would deliver each twice.  It stops before the bytes go out; every message is
+    delivered once, by the next run."""
+    from django_socketmail import signals
+
+    stalled: list[int] = []
+
+    def stall_past_the_lease(sender: Any, outbox: OutboxMessage, **kwargs: Any) -> None:
+        if not stalled:  # once, while this worker holds the batch
+            stalled.append(outbox.pk)
+            expired = timezone.now() - timedelta(seconds=1)
+            OutboxMessage.objects.filter(status="sending").update(lease_expires=expired)
+            assert recover(MAILER) == {"unknown": 0, "queued": 2}
+
+    sessions = [standard_session(), standard_session()]
+    with HostileSMTPServer(sessions) as server, mailer_at(server, task_backend="dummy"):
+        queued().send_messages([message("first"), message("second")])
+        signals.pre_send.connect(stall_past_the_lease, dispatch_uid="stall")
+        try:
+            Worker(MAILER).run()
+        finally:
+            signals.pre_send.disconnect(dispatch_uid="stall")
+        assert [r.status for r in rows()] == ["queued", "queued"]
+        assert Worker(MAILER).run() == {"sent": 2}
+        assert server.wait_closed(count=2)
+    delivered = [m for c in server.connections for m in c.messages]
+    assert len(delivered) == 2
+    assert [len(c.messages) for c in server.connections] == [0, 2]
