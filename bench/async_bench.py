@@ -5,7 +5,7 @@ needs it; ``apt-get install postfix dovecot-core``), with the ``bench`` extra in
 (``.venv/bin/pip install -e ".[test,bench]"``: aiosmtplib)::
 
     .venv/bin/python bench/async_bench.py --quick   # smoke run: under a minute, writes nothing
-    .venv/bin/python bench/async_bench.py           # full run: 4 to 10 minutes, rewrites its
+    .venv/bin/python bench/async_bench.py           # full run: 4 to 6 minutes, rewrites its
                                                     # block of docs/benchmarks.md
 
 Every contender sends the same 200 messages of 2 KB (``bench/run.py``'s 1-recipient

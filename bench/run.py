@@ -614,7 +614,7 @@ def wait_for_audit_rows() -> None:
     (``django_socketmail.audit.drain_audit_log``, when it exists), wait until they are
     written, so that a run's time includes its audit log."""
     try:
-        from django_socketmail.audit import drain_audit_log  # type: ignore[attr-defined]
+        from django_socketmail.audit import drain_audit_log  # type: ignore[attr-defined,unused-ignore]
     except ImportError:
         return
     if not drain_audit_log(TIMEOUT):
