@@ -4,7 +4,10 @@ One :class:`AuditRecorder` follows one SMTP session of a backend.  The backend t
 about each message attempt and about the session's end; it buffers plain values and
 writes them in one transaction per :meth:`AuditRecorder.flush` (the backend flushes once
 per ``send_messages()`` call and when the session ends), so logging costs a few queries
-per call, not per message.
+per call, not per message.  With ``audit_background=True`` a flush takes the values and
+hands them to one writer thread per process (:mod:`.audit_writer`), which writes the rows
+of several flushes per transaction; :func:`drain_audit_log` waits for them.  The
+guarantees below hold either way.
 
 Guarantees:
 
@@ -59,7 +62,7 @@ if TYPE_CHECKING:
 
     from .conf import BackendOptions
 
-__all__ = ["AuditRecorder", "render_lines"]
+__all__ = ["AuditJob", "AuditRecorder", "drain_audit_log", "render_lines"]
 
 logger = logging.getLogger("django_socketmail")
 
@@ -118,19 +121,60 @@ def _forget_installed(*, setting: str, **kwargs: Any) -> None:
 setting_changed.connect(_forget_installed, dispatch_uid="django_socketmail.audit.installed")
 
 
-def render_lines(lines: list[TranscriptLine]) -> str:
+def render_lines(lines: Sequence[TranscriptLine]) -> str:
     """Transcript lines as stored: ``+0.012 C: EHLO web1``, one per line."""
     return "\n".join(f"+{line.elapsed:.3f} {line}" for line in lines)
 
 
 @dataclass(slots=True)
 class _MessageRecord:
-    created: datetime
-    result: SendResult
-    message_id: str
+    """One attempt as it finished, in plain values taken at once (cheap: the row's text is
+    built when it is written, in the caller's thread or the writer's)."""
+
+    started: float
+    status: str
+    mail_from: str
+    recipients: tuple[tuple[str, str, int | None, str], ...]
+    size: int
+    final: Any
+    queue_id: str | None
+    elapsed: float
+    error: BaseException | None
+    transient: bool | None
+    outbox_id: int | None
+    transcript: tuple[TranscriptLine, ...]
     subject: str
-    transcript: str
-    body: str
+    head: bytes
+    """The message's leading bytes: its Message-ID and stored body are read from them."""
+
+
+@dataclass(slots=True)
+class _SessionState:
+    """The session's facts at one flush (a later flush brings newer ones)."""
+
+    info: tuple[Any, ...]
+    messages_sent: int
+    lines: tuple[TranscriptLine, ...]
+    ended: datetime | None
+    error: BaseException | None
+
+
+@dataclass(slots=True)
+class AuditJob:
+    """What one :meth:`AuditRecorder.flush` hands over: plain values, written in one
+    transaction (inline, or by :mod:`.audit_writer`, which may merge the jobs of one recorder
+    that are still waiting)."""
+
+    recorder: AuditRecorder
+    database: str | None
+    """``audit_database`` at the flush (None: the router's choice)."""
+    messages: list[_MessageRecord]
+    state: _SessionState
+
+    def merge(self, later: AuditJob) -> None:
+        """Take a later job of the same recorder and database into this one."""
+        self.messages += later.messages
+        self.state = later.state
 
 
 @dataclass(slots=True)
@@ -149,9 +193,15 @@ class AuditRecorder:
     the columns that changed (for a pooled call, ``messages_sent``)."""
     _rendered: tuple[int, str] = (0, "")
     """The session transcript as last rendered, and how many lines it had then."""
+    _facts: tuple[tuple[Any, ...], dict[str, Any]] = ((), {})
+    """The session row's columns that come from the connection's facts, as last made
+    storable, and those facts (they change only while the session opens)."""
     _messages: list[_MessageRecord] = field(default_factory=list)
     _ended: datetime | None = None
     _error: BaseException | None = None
+    writing: threading.Lock = field(default_factory=threading.Lock)
+    """Held while a job of this recorder is written (by the caller or the writer thread):
+    the recorder's bookkeeping of its rows is touched under it only."""
 
     def message_finished(
         self, message: EmailMessage | None, result: SendResult, raw: Sequence[bytes]
@@ -160,19 +210,36 @@ class AuditRecorder:
 
         The row's ``created`` is ``result.started`` (the wall-clock time its first command
         was written) and its ``duration`` is ``result.elapsed``.  Nothing is kept when the
-        audit log is off.
+        audit log is off.  The values are taken now (a result or message changed later does
+        not change the row).
         """
         if not self._enabled():
             return
-        body_bytes = self.options.audit_body_bytes
+        final = result.final_reply
         self._messages.append(
             _MessageRecord(
-                created=_wall_clock(result.started),
-                result=result,
-                message_id=_header(message, "Message-ID", _leading(raw, _HEAD_BYTES)),
+                started=result.started,
+                status=result.status.value,
+                mail_from=result.mail_from,
+                recipients=tuple(
+                    (
+                        r.address,
+                        r.status.value,
+                        r.reply.code if r.reply else None,
+                        r.reply.text if r.reply else "",
+                    )
+                    for r in result.recipients
+                ),
+                size=result.size,
+                final=final,
+                queue_id=result.queue_id,
+                elapsed=result.elapsed,
+                error=result.error,
+                transient=_transient(result),
+                outbox_id=result.outbox_id,
+                transcript=tuple(result.transcript),
                 subject=str(message.subject) if message is not None else "",
-                transcript=render_lines(result.transcript),
-                body=_leading(raw, body_bytes).decode("utf-8", "replace") if body_bytes else "",
+                head=_leading(raw, max(_HEAD_BYTES, self.options.audit_body_bytes)),
             )
         )
 
@@ -184,125 +251,99 @@ class AuditRecorder:
     def flush(self) -> None:
         """Write what is buffered, in at most about :data:`WRITE_BUDGET` seconds on SQLite;
         never raises (a failed write is logged and its rows dropped).  Returns at once when
-        the audit log is off or the app is not installed."""
+        the audit log is off or the app is not installed.
+
+        With ``audit_background=True`` the rows are handed to the process's writer thread
+        (:mod:`.audit_writer`) instead, unless the audit database is an in-memory SQLite
+        database (which other threads cannot see) or the writer's queue is full: then they
+        are written here, as without the option."""
         self._session_lines += self.client.transcript.take_untapped()
         del self._session_lines[:-MAX_SESSION_LINES]
         if not self._enabled():
             self._messages.clear()
             return
-        try:
-            self._write()
-        except Exception:
-            logger.exception(
-                "django-socketmail could not write the audit log for %s:%s; the send "
-                "results stand and nothing will be resent",
-                self.options.host,
-                self.options.port,
-            )
-        finally:
-            self._messages.clear()
+        messages, self._messages = self._messages, []
+        info = self.client.info
+        job = AuditJob(
+            self,
+            self.options.audit_database,
+            messages,
+            _SessionState(
+                (
+                    info.tls_version,
+                    info.tls_cipher,
+                    info.peer_certificate,
+                    info.auth_mechanism,
+                    info.auth_username,
+                    info.local_hostname,
+                    info.greeting,
+                    tuple(info.extensions.keywords.items()),
+                ),
+                info.messages_sent,
+                tuple(self._session_lines),
+                self._ended,
+                self._error,
+            ),
+        )
+        if self.options.audit_background:
+            from .audit_writer import submit
+
+            submit(job)
+            return
+        write_inline(job)
 
     def _enabled(self) -> bool:
         return self.options.audit_log and _app_installed()
 
-    def _write(self) -> None:
-        deadline = time.monotonic() + WRITE_BUDGET
-        alias, clone = _audit_alias(self.options.audit_database)
-        try:
-            self._write_rows_retrying(alias, deadline, retry=clone is None)
-        except OperationalError:
-            if clone is None or clone.vendor != "sqlite":
-                raise
-            # SQLite has one writer: the caller's open transaction holds it.  Write with the
-            # caller's connection instead; the rows then share that transaction's fate.
-            logger.warning(
-                "django-socketmail: SQLite is locked by the open transaction, so the audit "
-                "rows are written inside it and will vanish if it rolls back; set "
-                "SOCKETMAIL['audit_database'] to a separate database to keep them."
-            )
-            self._write_rows_retrying(alias.removesuffix(CLONE_SUFFIX), deadline, retry=False)
-        finally:
-            if clone is not None:
-                _close_clone(clone)
-
-    def _write_rows_retrying(self, alias: str, deadline: float, *, retry: bool) -> None:
-        """Write before ``deadline`` (a :func:`time.monotonic` value); a database that is
-        briefly locked by another writer (SQLite) is retried a few times (with jitter, so
-        writers do not collide again) while time is left, rather than losing rows."""
-        pauses = iter(LOCKED_RETRY_PAUSES if retry else ())
-        while True:
-            try:
-                connection = connections[alias]
-                with _busy_timeout(connection, deadline):
-                    self._write_rows(alias, connection, deadline)
-                return
-            except OperationalError as error:
-                pause = next(pauses, None)
-                left = deadline - time.monotonic()
-                if pause is None or left <= 0 or "locked" not in str(error):
-                    raise
-                time.sleep(min(left, pause * random.uniform(0.5, 1.5)))
-
-    def _write_rows(self, alias: str, connection: Any, deadline: float) -> None:
+    def write(self, job: AuditJob, alias: str, connection: Any) -> None:
+        """Write ``job``'s rows with ``connection`` (of ``alias``), inside the caller's
+        transaction: the caller holds :attr:`writing`."""
         from .models import MessageLog, RecipientLog, SessionLog
 
-        with transaction.atomic(using=alias):
-            _bound_lock_waits(connection, deadline)
-            session = self._save_session(SessionLog, alias)
-            if not self._messages:
-                return
-            created: Any = MessageLog._meta.get_field("created")
-            rows = [
-                self._message_row(
-                    MessageLog, session.pk, created.get_db_prep_save(r.created, connection), r
-                )
-                for r in self._messages
-            ]
-            last_id = _insert_many(alias, MessageLog, _MESSAGE_COLUMNS, rows)
-            if len(rows) == 1 and last_id is not None:
-                ids = [last_id]  # one row (a pooled call): no read-back query
-            else:
-                ids = _newest_ids(alias, MessageLog, session.pk, len(rows))
-            recipient_rows = [
-                (
-                    message_id,
-                    _text(RecipientLog, "address", r.address),
-                    r.status.value,
-                    r.reply.code if r.reply else None,
-                    _text(RecipientLog, "reply", r.reply.text if r.reply else ""),
-                )
-                for message_id, record in zip(ids, self._messages, strict=True)
-                for r in record.result.recipients
-            ]
-            _insert_many(alias, RecipientLog, _RECIPIENT_COLUMNS, recipient_rows)
+        session = self._save_session(SessionLog, alias, job.state)
+        if not job.messages:
+            return
+        created: Any = MessageLog._meta.get_field("created")
+        rows = [
+            self._message_row(
+                MessageLog,
+                session.pk,
+                created.get_db_prep_save(_wall_clock(r.started), connection),
+                r,
+                self.options.audit_body_bytes,
+            )
+            for r in job.messages
+        ]
+        last_id = _insert_many(alias, MessageLog, _MESSAGE_COLUMNS, rows)
+        if len(rows) == 1 and last_id is not None:
+            ids = [last_id]  # one row (a pooled call): no read-back query
+        else:
+            ids = _newest_ids(alias, MessageLog, session.pk, len(rows))
+        recipient_rows = [
+            (
+                message_id,
+                _text(RecipientLog, "address", address),
+                status,
+                code,
+                _text(RecipientLog, "reply", text),
+            )
+            for message_id, record in zip(ids, job.messages, strict=True)
+            for address, status, code, text in record.recipients
+        ]
+        _insert_many(alias, RecipientLog, _RECIPIENT_COLUMNS, recipient_rows)
 
-    def _save_session(self, model: Any, alias: str) -> Any:
+    def _save_session(self, model: Any, alias: str, state: _SessionState) -> Any:
         """Create the session's row in ``alias``'s database, or update the one created there
         before (a row in another database is never touched)."""
-        info = self.client.info
-        error = self._error
+        error = state.error
         values: dict[str, Any] = {
-            "mailer": _text(model, "mailer", self.mailer),
-            "host": _text(model, "host", self.options.host),
-            "port": self.options.port,
-            "tls_version": _text(model, "tls_version", info.tls_version),
-            "tls_cipher": _text(model, "tls_cipher", info.tls_cipher),
-            "certificate": _text(model, "certificate", info.peer_certificate),
-            "auth_mechanism": _text(model, "auth_mechanism", info.auth_mechanism),
-            "auth_username": _text(model, "auth_username", info.auth_username),
-            "local_hostname": _text(model, "local_hostname", info.local_hostname),
-            "greeting": _text(model, "greeting", info.greeting),
-            "extensions": _text(
-                model,
-                "extensions",
-                "\n".join(f"{k} {v}".strip() for k, v in info.extensions.keywords.items()),
-            ),
+            **self._fact_columns(model, state.info),
             "outcome": "failed" if error is not None else "ok",
             "error_class": _text(model, "error_class", _class_name(error)),
             "error": _text(model, "error", error),
-            "messages_sent": info.messages_sent,
-            "ended": self._ended,
-            "transcript": self._session_transcript(model),
+            "messages_sent": state.messages_sent,
+            "ended": state.ended,
+            "transcript": self._session_transcript(model, state.lines),
         }
         database = alias.removesuffix(CLONE_SUFFIX)  # our clone reaches the same database
         pk = self._session_pks.get(database)
@@ -323,41 +364,142 @@ class AuditRecorder:
             transaction.on_commit(lambda: committed(pk), using=alias)
         return model(pk=pk)
 
-    def _session_transcript(self, model: Any) -> str:
+    def _fact_columns(self, model: Any, info: tuple[Any, ...]) -> dict[str, Any]:
+        """The session row's columns from the connection's facts, made again only when
+        those changed (a pooled session's calls share them)."""
+        if self._facts[1] and self._facts[0] == info:
+            return self._facts[1]
+        tls_version, tls_cipher, certificate, mechanism, username, local, greeting, ext = info
+        columns = {
+            "mailer": _text(model, "mailer", self.mailer),
+            "host": _text(model, "host", self.options.host),
+            "port": self.options.port,
+            "tls_version": _text(model, "tls_version", tls_version),
+            "tls_cipher": _text(model, "tls_cipher", tls_cipher),
+            "certificate": _text(model, "certificate", certificate),
+            "auth_mechanism": _text(model, "auth_mechanism", mechanism),
+            "auth_username": _text(model, "auth_username", username),
+            "local_hostname": _text(model, "local_hostname", local),
+            "greeting": _text(model, "greeting", greeting),
+            "extensions": _text(model, "extensions", "\n".join(f"{k} {v}".strip() for k, v in ext)),
+        }
+        self._facts = (info, columns)
+        return columns
+
+    def _session_transcript(self, model: Any, lines: tuple[TranscriptLine, ...]) -> str:
         """The session's own transcript as stored, rendered again only when it changed."""
-        count = len(self._session_lines)
+        count = len(lines)
         if self._rendered[0] != count or count == MAX_SESSION_LINES:
-            self._rendered = (count, _text(model, "transcript", render_lines(self._session_lines)))
+            self._rendered = (count, _text(model, "transcript", render_lines(lines)))
         return self._rendered[1]
 
     @staticmethod
     def _message_row(
-        model: Any, session_id: int, created: Any, record: _MessageRecord
+        model: Any, session_id: int, created: Any, record: _MessageRecord, body_bytes: int
     ) -> tuple[Any, ...]:
         """A MessageLog row, in the order of :data:`_MESSAGE_COLUMNS`."""
-        result = record.result
-        error = result.error
-        final = result.final_reply
+        error = record.error
+        final = record.final
+        head = record.head
         return (
             session_id,
             created,
-            result.status.value,
-            _text(model, "message_id", record.message_id),
-            _text(model, "sender", result.mail_from),
-            _text(model, "recipients", ", ".join(r.address for r in result.recipients)),
+            record.status,
+            _text(model, "message_id", _header(None, "Message-ID", head[:_HEAD_BYTES])),
+            _text(model, "sender", record.mail_from),
+            _text(model, "recipients", ", ".join(r[0] for r in record.recipients)),
             _text(model, "subject", record.subject),
-            result.size,
+            record.size,
             final.code if final else None,
             _text(model, "final_reply", final.text if final else ""),
-            _text(model, "queue_id", result.queue_id),
-            result.elapsed,
+            _text(model, "queue_id", record.queue_id),
+            record.elapsed,
             _text(model, "error_class", _class_name(error)),
             _text(model, "error", error),
-            _transient(result),
-            _text(model, "transcript", record.transcript),
-            _text(model, "body", record.body),
-            result.outbox_id,
+            record.transient,
+            _text(model, "transcript", render_lines(record.transcript)),
+            _text(
+                model,
+                "body",
+                head[:body_bytes].decode("utf-8", "replace") if body_bytes else "",
+            ),
+            record.outbox_id,
         )
+
+
+def write_inline(job: AuditJob) -> None:
+    """Write ``job`` in this thread, in at most about :data:`WRITE_BUDGET` seconds on
+    SQLite (with a separate connection when the caller's is inside an atomic block); never
+    raises: a failed write is logged and its rows dropped."""
+    lock = job.recorder.writing
+    # Held elsewhere only by the writer thread, while it writes this recorder's earlier rows
+    # (bounded like this write); past twice the budget, these rows are dropped and logged.
+    if not lock.acquire(timeout=2 * WRITE_BUDGET):
+        try:
+            raise TimeoutError("an earlier write of this session's audit rows is still running")
+        except TimeoutError:
+            log_failed(job)
+        return
+    try:
+        _write(job)
+    except Exception:
+        log_failed(job)
+    finally:
+        lock.release()
+
+
+def log_failed(job: AuditJob) -> None:
+    """Report on the logger that ``job``'s rows could not be written (with the traceback)."""
+    options = job.recorder.options
+    logger.exception(
+        "django-socketmail could not write the audit log for %s:%s; the send "
+        "results stand and nothing will be resent",
+        options.host,
+        options.port,
+    )
+
+
+def _write(job: AuditJob) -> None:
+    deadline = time.monotonic() + WRITE_BUDGET
+    alias, clone = _audit_alias(job.database)
+    try:
+        write_retrying(alias, [job], deadline, retry=clone is None)
+    except OperationalError:
+        if clone is None or clone.vendor != "sqlite":
+            raise
+        # SQLite has one writer: the caller's open transaction holds it.  Write with the
+        # caller's connection instead; the rows then share that transaction's fate.
+        logger.warning(
+            "django-socketmail: SQLite is locked by the open transaction, so the audit "
+            "rows are written inside it and will vanish if it rolls back; set "
+            "SOCKETMAIL['audit_database'] to a separate database to keep them."
+        )
+        write_retrying(alias.removesuffix(CLONE_SUFFIX), [job], deadline, retry=False)
+    finally:
+        if clone is not None:
+            _close_clone(clone)
+
+
+def write_retrying(alias: str, jobs: Sequence[AuditJob], deadline: float, *, retry: bool) -> None:
+    """Write ``jobs`` in one transaction before ``deadline`` (a :func:`time.monotonic`
+    value); a database that is briefly locked by another writer (SQLite) is retried a few
+    times (with jitter, so writers do not collide again) while time is left, rather than
+    losing rows.  The caller holds each job's recorder's ``writing`` lock."""
+    pauses = iter(LOCKED_RETRY_PAUSES if retry else ())
+    while True:
+        try:
+            connection = connections[alias]
+            with _busy_timeout(connection, deadline), transaction.atomic(using=alias):
+                _bound_lock_waits(connection, deadline)
+                for job in jobs:
+                    job.recorder.write(job, alias, connection)
+            return
+        except OperationalError as error:
+            pause = next(pauses, None)
+            left = deadline - time.monotonic()
+            if pause is None or left <= 0 or "locked" not in str(error):
+                raise
+            time.sleep(min(left, pause * random.uniform(0.5, 1.5)))
 
 
 _MESSAGE_COLUMNS: Final = (
@@ -381,6 +523,21 @@ _MESSAGE_COLUMNS: Final = (
     "outbox",
 )
 _RECIPIENT_COLUMNS: Final = ("message", "address", "status", "reply_code", "reply")
+
+
+def drain_audit_log(timeout: float | None = None) -> bool:
+    """Wait until the audit rows handed to this process's writer thread
+    (``audit_background=True``) are written, or dropped with an error on the logger; True
+    when its queue was empty and the thread idle before ``timeout`` seconds (None: no
+    limit).  True at once when nothing is waiting (the option off, or in a forked child).
+    While other threads keep sending, the queue may not come to rest: then False."""
+    import sys
+
+    if "django_socketmail.audit_writer" not in sys.modules:
+        return True
+    from .audit_writer import drain
+
+    return drain(timeout)
 
 
 def _newest_ids(alias: str, model: Any, session_id: int, count: int) -> list[int]:
@@ -439,16 +596,29 @@ def _insert_many(
     if not rows:
         return None
     connection = connections[alias]
-    quote = connection.ops.quote_name
-    columns = ", ".join(quote(model._meta.get_field(name).column) for name in names)
-    placeholders = ", ".join(["%s"] * len(names))
-    sql = f"INSERT INTO {quote(model._meta.db_table)} ({columns}) VALUES ({placeholders})"  # noqa: S608 - names from the model, values bound
+    sql = _insert_sql(connection, model, names)
     with connection.cursor() as cursor:
         if len(rows) == 1 and connection.vendor in ("sqlite", "mysql"):
             cursor.execute(sql, rows[0])
             return int(cursor.lastrowid)
         cursor.executemany(sql, rows)
     return None
+
+
+_INSERTS: dict[tuple[str, Any, tuple[str, ...]], str] = {}
+
+
+def _insert_sql(connection: Any, model: Any, names: tuple[str, ...]) -> str:
+    """The INSERT statement of :func:`_insert_many`, made once per kind of database."""
+    key = (connection.vendor, model, names)
+    sql = _INSERTS.get(key)
+    if sql is None:
+        quote = connection.ops.quote_name
+        columns = ", ".join(quote(model._meta.get_field(name).column) for name in names)
+        placeholders = ", ".join(["%s"] * len(names))
+        table = quote(model._meta.db_table)
+        sql = _INSERTS[key] = f"INSERT INTO {table} ({columns}) VALUES ({placeholders})"  # noqa: S608 - names from the model, values bound
+    return sql
 
 
 def _update_row(alias: str, model: Any, pk: int, values: dict[str, Any]) -> None:

@@ -126,6 +126,12 @@ OPTIONS: Final[dict[str, Option]] = {
         None,
         "Database alias for the audit log; default: the router's choice (usually 'default').",
     ),
+    "audit_background": Option(
+        "bool",
+        False,
+        "Write the audit rows in a writer thread, several calls per commit; "
+        "drain_audit_log() waits for them.",
+    ),
     "audit_retention_days": Option(
         "int | None",
         90,
@@ -245,6 +251,7 @@ class BackendOptions:
     audit_log: bool
     audit_body_bytes: int
     audit_database: str | None
+    audit_background: bool
     audit_retention_days: int | None
     queue: bool
     task_backend: str
@@ -543,6 +550,7 @@ _VALIDATORS: Final[dict[str, Callable[[Any], Any]]] = {
     "audit_log": _boolean,
     "audit_body_bytes": _non_negative,
     "audit_database": _optional_string,
+    "audit_background": _boolean,
     "audit_retention_days": _optional_days,
     "queue": _boolean,
     "task_backend": _string,
