@@ -11,19 +11,26 @@ shares (see :class:`Scenario`):
   never an exception's text or the transcript (logged at DEBUG on ``django_socketmail``);
 - the client breaks no protocol rule the server watches (``violations``);
 - afterwards ``backend.close()`` works and the same backend delivers on a good connection.
+
+Every scenario runs through both APIs (the ``api`` fixture, a parameter of ``scenario``):
+``send_messages()``, and ``await backend.asend_messages()`` on an event loop of the
+scenario's own in asyncio's debug mode (one loop per scenario, so an ``aopen()`` and the
+sends after it share it; closed, with its executor, before the scenario's server stops).
+The same counts, results, exceptions, time bounds and wire checks hold for both.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
 import smtplib
 import ssl
 import time
 import tracemalloc
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 import trustme
@@ -93,6 +100,10 @@ BODY = "Hello,\n.a line that starts with a dot\n..two\nend\n"
 STARTTLS_EXTENSIONS = [*DEFAULT_EXTENSIONS, "STARTTLS"]
 NO_PIPELINING = [e for e in DEFAULT_EXTENSIONS if e != "PIPELINING"]
 
+T = TypeVar("T")
+APIS = ["sync", "async"]
+"""How a scenario sends: ``send_messages()``, or ``await asend_messages()``."""
+
 quiet_or_not = pytest.mark.parametrize("quiet", [False, True], ids=["raises", "fail_silently"])
 
 
@@ -150,7 +161,59 @@ class Scenario:
     server: HostileSMTPServer
     backend: EmailBackend
     caplog: pytest.LogCaptureFixture
+    api: str = "sync"
     elapsed: float = 0.0
+    loop: asyncio.AbstractEventLoop | None = None
+
+    def run(self, awaitable: Awaitable[T]) -> T:
+        """Run on the scenario's event loop (made on first use, in asyncio's debug mode)."""
+        if self.loop is None:
+            self.loop = asyncio.new_event_loop()
+            self.loop.set_debug(True)
+
+        async def main() -> T:
+            return await awaitable
+
+        return self.loop.run_until_complete(main())
+
+    def deliver(self, messages: Sequence[EmailMessage]) -> int:
+        """``send_messages(messages)`` or ``await asend_messages(messages)``, by ``api``."""
+        if self.api == "sync":
+            return self.backend.send_messages(messages)
+        return self.run(self.backend.asend_messages(messages))
+
+    def open(self) -> bool | None:
+        """``backend.open()`` or ``await backend.aopen()``."""
+        if self.api == "sync":
+            return self.backend.open()
+        return self.run(self.backend.aopen())
+
+    def close(self) -> None:
+        """``backend.close()`` or ``await backend.aclose()``."""
+        if self.api == "sync":
+            self.backend.close()
+        else:
+            self.run(self.backend.aclose())
+
+    @property
+    def session_client(self) -> Any:
+        """The client of the backend's open session (``backend.client``, or the async
+        session's), None when closed."""
+        if self.api == "sync":
+            return self.backend.client
+        session = self.backend.async_session
+        return None if session is None else session.client
+
+    def end_loop(self) -> None:
+        """Close the scenario's event loop (async generators and executor first)."""
+        loop, self.loop = self.loop, None
+        if loop is None:
+            return
+        try:
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.run_until_complete(loop.shutdown_default_executor())
+        finally:
+            loop.close()
 
     @property
     def quiet(self) -> bool:
@@ -167,17 +230,18 @@ class Scenario:
         count: int,
         raises: type[BaseException] | None = None,
     ) -> BaseException | None:
-        """``send_messages(messages)``: it returns ``count``, or raises ``raises`` unless
-        quiet; either way within TIMEOUT + MARGIN.  Returns the error (raised, or else on
-        the last attempted message's result), which must not contain the password."""
+        """``send_messages(messages)`` (or ``asend_messages``): it returns ``count``, or
+        raises ``raises`` unless quiet; either way within TIMEOUT + MARGIN.  Returns the
+        error (raised, or else on the last attempted message's result), which must not
+        contain the password."""
         error: BaseException | None = None
         started = time.monotonic()
         try:
             if raises is None or self.quiet:
-                assert self.backend.send_messages(messages) == count
+                assert self.deliver(messages) == count
             else:
                 with pytest.raises(raises) as info:
-                    self.backend.send_messages(messages)
+                    self.deliver(messages)
                 error = info.value
         finally:
             self.elapsed = time.monotonic() - started
@@ -199,9 +263,9 @@ class Scenario:
     def finish(self, *, secret_on_wire: int = 0) -> None:
         """Close, check what reached the server and the log, then prove the backend reusable:
         it delivers a new message on the next connection (the server's last script)."""
-        self.backend.close()
-        assert self.backend.client is None
-        self.backend.close()  # idempotent
+        self.close()
+        assert self.session_client is None
+        self.close()  # idempotent
         before = len(self.server.connections)
         assert self.server.wait_closed(count=before)
         wire = b"".join(conn.received for conn in self.server.connections)
@@ -212,9 +276,9 @@ class Scenario:
         assert self.server.errors == []
 
         msg = message(subject="reuse after failure")
-        assert self.backend.send_messages([msg]) == 1
+        assert self.deliver([msg]) == 1
         assert result_of(msg).status is SendStatus.SENT
-        assert self.backend.client is None
+        assert self.session_client is None
         assert self.server.wait_closed(count=before + 1)
         last = self.server.connections[-1]
         assert last.index == before
@@ -226,10 +290,17 @@ class Scenario:
 ScenarioFactory = Callable[..., Scenario]
 
 
+@pytest.fixture(params=APIS)
+def api(request: pytest.FixtureRequest) -> str:
+    """How the scenario sends: ``"sync"`` or ``"async"``."""
+    return str(request.param)
+
+
 @pytest.fixture
-def scenario(caplog: pytest.LogCaptureFixture) -> Iterator[ScenarioFactory]:
+def scenario(caplog: pytest.LogCaptureFixture, api: str) -> Iterator[ScenarioFactory]:
     """``scenario(script, ..., quiet=..., tls_context=..., **backend_options)``: the n-th
-    connection plays the n-th script (the last one for any further connections)."""
+    connection plays the n-th script (the last one for any further connections); the
+    scenario sends through ``api``."""
     caplog.set_level(logging.DEBUG, logger="django_socketmail")
     made: list[Scenario] = []
 
@@ -261,13 +332,18 @@ def scenario(caplog: pytest.LogCaptureFixture) -> Iterator[ScenarioFactory]:
         except BaseException:
             server.stop()
             raise
-        made.append(Scenario(server, backend, caplog))
+        made.append(Scenario(server, backend, caplog, api))
         return made[-1]
 
     yield make
     for made_scenario in made:
         try:
-            made_scenario.backend.close()
+            try:
+                made_scenario.backend.close()
+                if made_scenario.backend.async_session is not None:
+                    made_scenario.run(made_scenario.backend.aclose())
+            finally:
+                made_scenario.end_loop()
         finally:
             made_scenario.server.stop()
 
@@ -700,10 +776,22 @@ def test_disconnect_after_mail(scenario: ScenarioFactory, quiet: bool) -> None:
 @quiet_or_not
 @pytest.mark.parametrize("size", ["64KB", "8MB"])
 def test_disconnect_while_content_is_sent(
-    scenario: ScenarioFactory, quiet: bool, size: str
+    scenario: ScenarioFactory, quiet: bool, size: str, api: str, request: pytest.FixtureRequest
 ) -> None:
     """The server resets the connection after 1000 bytes of content.  A small message may
     be all in the socket buffers by then (maybe received: unknown); a large one cannot."""
+    if api == "async" and size == "8MB":
+        request.applymarker(
+            pytest.mark.xfail(
+                strict=True,
+                reason=(
+                    "async driver defect (smtp/aio.py _send_all): once the transport hit the "
+                    "reset it drops every later write() without pausing, and connection_lost "
+                    "only runs when the loop next turns, so the loop of writes never yields: "
+                    "all 8 MB count as written and the message is UNKNOWN instead of FAILED"
+                ),
+            )
+        )
     rules: dict[str, Response] = {
         "DATA": [reply(354, "End data with <CR><LF>.<CR><LF>"), read_bytes(1000), close(reset=True)]
     }
@@ -754,7 +842,7 @@ def test_421_mid_session(scenario: ScenarioFactory, verb: str, pipelining: bool)
     rules: dict[str, Response] = {verb: [reply(421, "4.3.2 Service shutting down"), close()]}
     sc = scenario(standard_session(rules, extensions=extensions), good_session(), **CREDENTIALS)
     expected_error, expected_status = MID_SESSION_421[verb]
-    assert sc.backend.open() is True
+    assert sc.open() is True
     msg = message()
     error = sc.send([msg], count=0, raises=expected_error)
     result = result_of(msg)
@@ -765,7 +853,7 @@ def test_421_mid_session(scenario: ScenarioFactory, verb: str, pipelining: bool)
         assert isinstance(error, (SenderRefused, DataError))
         assert error.smtp_code == 421
     assert error.is_transient
-    assert sc.backend.client is not None and not sc.backend.client.is_connected
+    assert sc.session_client is not None and not sc.session_client.is_connected
     assert sc.server.wait_closed()
     assert b"Subject:" not in sc.first.received
 
@@ -853,7 +941,7 @@ def test_unusable_envelope_address(scenario: ScenarioFactory, quiet: bool, addre
     msg = EmailMessage("s", BODY, "sender@example.com", [TO[0]], bcc=[address])
     started = time.monotonic()
     with pytest.raises(InvalidAddressError, match="Invalid address") as info:
-        sc.backend.send_messages([msg])
+        sc.deliver([msg])
     assert time.monotonic() - started < TIMEOUT + MARGIN
     assert isinstance(info.value, ValueError)
     result = result_of(msg)
