@@ -300,14 +300,14 @@ class AuditRecorder:
         transaction: the caller holds :attr:`writing`."""
         from .models import MessageLog, RecipientLog, SessionLog
 
-        session = self._save_session(SessionLog, alias, job.state)
+        session_pk = self._save_session(SessionLog, alias, job.state)
         if not job.messages:
             return
         created: Any = MessageLog._meta.get_field("created")
         rows = [
             self._message_row(
                 MessageLog,
-                session.pk,
+                session_pk,
                 created.get_db_prep_save(_wall_clock(r.started), connection),
                 r,
                 self.options.audit_body_bytes,
@@ -318,7 +318,7 @@ class AuditRecorder:
         if len(rows) == 1 and last_id is not None:
             ids = [last_id]  # one row (a pooled call): no read-back query
         else:
-            ids = _newest_ids(alias, MessageLog, session.pk, len(rows))
+            ids = _newest_ids(alias, MessageLog, session_pk, len(rows))
         recipient_rows = [
             (
                 message_id,
@@ -332,9 +332,9 @@ class AuditRecorder:
         ]
         _insert_many(alias, RecipientLog, _RECIPIENT_COLUMNS, recipient_rows)
 
-    def _save_session(self, model: Any, alias: str, state: _SessionState) -> Any:
+    def _save_session(self, model: Any, alias: str, state: _SessionState) -> int:
         """Create the session's row in ``alias``'s database, or update the one created there
-        before (a row in another database is never touched)."""
+        before (a row in another database is never touched); returns its primary key."""
         error = state.error
         values: dict[str, Any] = {
             **self._fact_columns(model, state.info),
@@ -356,13 +356,13 @@ class AuditRecorder:
         if pk is None:
             session = model.objects.using(alias).create(created=self.started, **values)
             transaction.on_commit(lambda: committed(session.pk), using=alias)
-            return session
+            return int(session.pk)
         before = self._written.get(database, {})
         changed = {k: v for k, v in values.items() if k not in before or before[k] != v}
         if changed:
             _update_row(alias, model, pk, changed)
             transaction.on_commit(lambda: committed(pk), using=alias)
-        return model(pk=pk)
+        return pk
 
     def _fact_columns(self, model: Any, info: tuple[Any, ...]) -> dict[str, Any]:
         """The session row's columns from the connection's facts, made again only when

@@ -3,7 +3,8 @@
 :meth:`.audit.AuditRecorder.flush` hands its rows (plain values, taken in the caller's
 thread) to :func:`submit`, which queues them and returns; one daemon thread per process
 writes what is queued, the rows of several calls in one transaction (one commit for all:
-on SQLite in Django's default mode a commit waits for the disk).
+on SQLite in Django's default mode a commit waits for the disk), after waiting
+:data:`GROUP_WINDOW` seconds for more once work arrived.
 
 Contract:
 
@@ -46,6 +47,7 @@ from .audit import WRITE_BUDGET, AuditJob, log_failed, write_inline, write_retry
 
 __all__ = [
     "EXIT_BUDGET",
+    "GROUP_WINDOW",
     "IDLE_CLOSE",
     "MAX_PENDING",
     "drain",
@@ -59,6 +61,10 @@ MAX_PENDING: Final = 10_000
 """Messages (a job counts one more, for its session row) queued at most, per process."""
 MAX_BATCH: Final = 500
 """Jobs written in one transaction at most."""
+GROUP_WINDOW: Final = 0.05
+"""Seconds the thread waits, once work arrived, for more calls' rows to share the commit
+(none while :func:`drain` waits): the rows of a call appear at most this much later, and
+the thread's work tends to fall while the callers wait for their servers."""
 IDLE_CLOSE: Final = 5.0
 """Seconds without work after which the thread closes its database connections."""
 EXIT_BUDGET: Final = 5.0
@@ -85,6 +91,8 @@ class _Writer:
         self.pending = 0
         """Weight of the jobs queued or being written."""
         self.busy = False
+        self.draining = 0
+        """Callers of :func:`drain` waiting: the thread does not wait for more work."""
         self.release_wanted = False
         """Set by :func:`release_connections`: close the thread's connections when idle."""
         self.closing = False
@@ -135,6 +143,12 @@ class _Writer:
                 while not self.jobs and not self.release_wanted:
                     if not self.work.wait(IDLE_CLOSE if connected else None) and connected:
                         break
+                window = time.monotonic() + GROUP_WINDOW
+                while self.jobs and len(self.jobs) < MAX_BATCH and not self._hurried():
+                    left = window - time.monotonic()
+                    if left <= 0:
+                        break
+                    self.work.wait(left)
                 if not self.jobs:
                     batch: list[AuditJob] = []
                 else:
@@ -161,17 +175,24 @@ class _Writer:
                     self.busy = False
                     self.rest.notify_all()
 
+    def _hurried(self) -> bool:
+        return bool(self.draining or self.closing or self.release_wanted)
+
     def drain(self, timeout: float | None, *, release: bool = False) -> bool:
         deadline = None if timeout is None else time.monotonic() + timeout
         with self.lock:
             if release and self.thread is not None and self.thread.is_alive():
                 self.release_wanted = True
-                self.work.notify()
-            while self.jobs or self.busy or (release and self.release_wanted):
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    return False
-                self.rest.wait(left)
+            self.draining += 1
+            self.work.notify()
+            try:
+                while self.jobs or self.busy or (release and self.release_wanted):
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if left is not None and left <= 0:
+                        return False
+                    self.rest.wait(left)
+            finally:
+                self.draining -= 1
         return True
 
 

@@ -36,6 +36,7 @@ from django_socketmail.audit import AuditRecorder, _header
 from django_socketmail.email_backend import EmailBackend
 from django_socketmail.localserver import LocalSMTPServer
 from django_socketmail.models import MessageLog, RecipientLog, SessionLog, storable
+from django_socketmail.pool import close_pool
 from django_socketmail.smtp import (
     AuthenticationError,
     ConnectionFailedError,
@@ -567,6 +568,7 @@ def test_without_the_app_installed_the_audit_log_is_off_with_one_warning(
             assert make_backend(starttls_server, audit_log=True).send_messages([message()]) == 1
         pooled = make_backend(starttls_server, audit_log=True, pool=True)
         assert pooled.send_messages([message(), message()]) == 2
+        close_pool()  # its end too, while the app is not installed (no row for a later test)
     assert len(starttls_server.wait_for_messages(5)) == 5
     records = [r for r in caplog.records if r.name.startswith("django_socketmail")]
     assert not [r for r in records if r.exc_info is not None]  # no traceback at any level
