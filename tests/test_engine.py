@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from django_socketmail.smtp.config import ClientConfig
 from django_socketmail.smtp.engine import (
     CLOSE,
+    DEFAULT_WINDOW,
     DONE,
     RECEIVE,
     START_TLS,
@@ -358,6 +359,34 @@ def test_the_bdat_window_bounds_replies_not_yet_read() -> None:
             engine.receive_data(server.take())
     assert owed_most <= 303
     assert len(server.delivered) == 32
+
+
+def test_the_bdat_window_refills_in_halves_when_replies_trickle_in() -> None:
+    """A real server answers each command as it handles it, so replies arrive a few at a
+    time.  The window refills once half of it is answered, not per reply: 200 messages go
+    out in a handful of writes (round one's refill-per-reply made one write per message)."""
+    server = ModelServer(CHUNKING)
+    engine = opened(server)
+    txs = messages(engine, 200)
+    engine.send(txs, stop_on_error=False)
+    writes: list[int] = []
+    while (action := engine.next_action()) is not DONE:
+        if isinstance(action, Write):
+            data = b"".join(action.parts)
+            writes.append(data.count(b"MAIL FROM:"))
+            server.feed(data)
+            engine.written()
+        elif action is RECEIVE:
+            replies = server.take()
+            line, _, rest = replies.partition(b"\r\n")
+            server.outbox[:0] = rest  # the rest arrives later
+            engine.receive_data(line + b"\r\n")
+    assert len(server.delivered) == 200
+    assert sum(writes) == 200
+    window = DEFAULT_WINDOW
+    assert writes[0] == window
+    assert all(n >= window // 2 for n in writes[1:-1]), writes
+    assert len(writes) <= 2 + (200 - window) // (window // 2)
 
 
 @pytest.mark.parametrize("mode", ["data", "lockstep"])

@@ -74,8 +74,8 @@ __all__ = [
     "Write",
 ]
 
-DEFAULT_WINDOW: Final = 32
-"""Most BDAT transactions in flight at once."""
+DEFAULT_WINDOW: Final = 64
+"""Most BDAT transactions in flight at once (refilled when half of them are answered)."""
 DEFAULT_WINDOW_BYTES: Final = 4 * 1024 * 1024
 """Most message bytes in flight at once (one larger message still goes alone)."""
 MAX_UNREAD_REPLIES: Final = 256

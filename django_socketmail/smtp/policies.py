@@ -5,7 +5,8 @@
   content, its dot and the next envelope in one write (message content may open a group),
   unless ``pipeline_after_dot`` is off;
 - windowed BDAT (RFC 3030 with PIPELINING): ``[RSET] MAIL RCPT... BDAT n LAST`` and the
-  chunk for up to ``window`` messages and ``window_bytes`` bytes at once, and no more
+  chunk for up to ``window`` messages and ``window_bytes`` bytes at once (refilled once at
+  most half of the window is still unanswered), and no more
   transactions while ``max_unread_replies`` replies are owed.
 
 They decide *when* bytes go out, never what a reply means (:mod:`.transaction` does).
@@ -78,7 +79,9 @@ class Policies:
         elif not self._bdat:
             if not self._expect and self._todo:
                 self._start(self._todo.popleft())
-        else:
+        elif not self._in_flight or len(self._in_flight) <= self.window // 2:
+            # Refill once half the window is answered, not after each reply: a server
+            # answers as it goes, so per-reply refills would make one write per message.
             in_flight_bytes = sum(tx.size for tx in self._in_flight)
             while self._todo and (
                 not self._in_flight
