@@ -5,22 +5,29 @@ Many concurrent callers on one event loop, each with its own backend (as
 one message (coalesced runs, :class:`~django_socketmail.async_backend.Coalescer`), some send
 two in one ``asend_messages()`` call and some two calls in an ``async with`` block (both on
 sessions of the loop's pool, cancelled on the driver itself).  The scripted server pauses
-before every reply and sends some in two parts a pause apart, some messages are large, so the
-cancellations (``task.cancel()`` at random moments) land while connecting, mid-command,
-mid-content (DATA, or BDAT when the server offers CHUNKING), and mid-reply.
+before every reply, sends some in two parts a pause apart and sometimes waits before reading
+a message's content; a quarter of the messages are large and the client's send buffer is
+narrow; so the cancellations (``task.cancel()`` at random moments) land while connecting,
+mid-command, mid-content (DATA, or BDAT when the server offers CHUNKING) and mid-reply (over
+the five seeds, counted once in the driver: about 25 while connecting, 20 waiting for a
+reply, 5 while writing content, and one or two with part of a reply read).
 
 Then, per Message-ID: nothing the server did not accept is SENT (in ``socketmail_result``
-or in the audit log), nothing it accepted is FAILED or REFUSED, nothing is accepted twice;
-a caller that was not cancelled gets its count and SENT results, and a cancelled one
-``CancelledError`` (the README's contract) and nothing else.  The server saw only
-well-formed commands and whole messages, each exactly as serialized (a half-written
-command followed by anything would show as a malformed line or a mangled message), and
-no pipelining violation.  After the cancellations the pool holds only healthy sessions,
-and a coalesced send and a ``asend_messages([a, b])`` on it succeed.  No task is left once
-the callers and the runs are done, and no socket or thread once the loop is closed.
+or in the audit log), nothing it accepted is without a result, FAILED or REFUSED, nothing is
+accepted twice; a caller that was not cancelled gets its count and SENT results, and a
+cancelled one ``CancelledError`` (the README's contract) and nothing else.  The server saw
+only well-formed commands and whole messages, each exactly as serialized (a half-written
+command followed by anything would show as a malformed line or a mangled message), and no
+pipelining violation.  After the cancellations the pool holds only healthy sessions, every
+connection still open is one of them, and a coalesced send and an ``asend_messages([a, b])``
+on it succeed.  No task is left once the callers and the runs are done, and no socket or
+thread once the loop is closed.  A second test ends the loop itself at a random moment of
+the burst (every caller and every run cancelled at once), and a third cancels a caller at
+the one moment the random ones rarely hit: while its session is given back to the pool.
 
 The random generator's seed is printed; ``SOCKETMAIL_CANCEL_SEED=<n>`` runs that one seed
-instead of the five parametrized ones.  Each seed takes about a second.
+instead of the five parametrized ones.  The module takes about 12 s (a random seed 1.5 to
+2.5 s, a loop's end about 1 s).
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import gc
 import os
 import random
 import re
+import socket
 import threading
 import time
 from collections import Counter
@@ -45,7 +53,7 @@ from django_socketmail.audit import AuditRecorder
 from django_socketmail.email_backend import EmailBackend
 from django_socketmail.models import MessageLog
 from django_socketmail.serializer import serialize
-from django_socketmail.smtp import RecipientsRefused, SendResult, SendStatus
+from django_socketmail.smtp import RecipientsRefused, SendResult, SendStatus, transport
 
 from .hostile.server import (
     DEFAULT_EXTENSIONS,
@@ -60,7 +68,7 @@ SEED_VARIABLE: Final = "SOCKETMAIL_CANCEL_SEED"
 SEEDS: Final = (
     [int(os.environ[SEED_VARIABLE])] if os.environ.get(SEED_VARIABLE) else [1, 2, 3, 4, 5]
 )
-CALLERS: Final = 60
+CALLERS: Final = 40
 CANCELLED_SHARE: Final = 0.5
 LATEST_START: Final = 0.05
 """Seconds: callers start at random within this."""
@@ -70,11 +78,18 @@ MAX_PAUSE: Final = 0.006
 """Seconds the server may wait before a reply."""
 SPLIT_SHARE: Final = 0.2
 """Replies sent in two parts, a pause apart: cancellations land mid-reply."""
-LARGE_SHARE: Final = 0.12
-LARGE_BODY_LINES: Final = 8000
-"""About 600 kB: more than the socket buffers take at once while the server pauses."""
+STALLED_SHARE: Final = 0.3
+MAX_STALL: Final = 0.03
+"""Seconds the server may wait before reading a message's content (in that share)."""
+LARGE_SHARE: Final = 0.25
+LARGE_BODY_LINES: Final = 2000
+"""About 140 kB: more than the socket buffers take at once (see :func:`narrow_send_buffer`)."""
+SEND_BUFFER: Final = 16384
+"""The client socket's send buffer, in bytes."""
 REFUSED_SHARE: Final = 0.1
 """Coalesced messages whose one recipient the server refuses (550)."""
+LOOP_ENDS_WITHIN: Final = (0.1, 0.8)
+"""Seconds after the burst's start: when the loop ends, in the test that ends it."""
 DATE: Final = "Thu, 01 Jan 2026 12:00:00 +0000"
 TIMEOUT: Final = 5.0
 FD_DIR: Final = "/proc/self/fd"
@@ -111,6 +126,14 @@ class SlowServer:
             conn.sleep(gap)
         conn.send(data[split:])
 
+    def stall(self, conn: Connection) -> None:
+        """Sometimes wait before reading a message's content: the client's writes block."""
+        with self.rng_lock:
+            stalled = self.rng.random() < STALLED_SHARE
+            pause = self.rng.uniform(0, MAX_STALL)
+        if stalled:
+            conn.sleep(pause)
+
     def mail(self, conn: Connection, line: bytes) -> None:
         self.valid_rcpts[conn.index] = 0
         self.answer(conn, 250, "2.1.0 Ok")
@@ -127,11 +150,13 @@ class SlowServer:
             self.answer(conn, 554, "5.5.1 No valid recipients")
             return
         self.answer(conn, 354, "End data with <CR><LF>.<CR><LF>")
+        self.stall(conn)
         conn.read_data()
         self.queued(conn)
 
     def bdat(self, conn: Connection, line: bytes) -> None:
         words = line.split()
+        self.stall(conn)
         conn.read_bytes(int(words[1]))
         if len(words) < 3:
             self.answer(conn, 250, f"2.0.0 {words[1].decode()} octets received")
@@ -217,8 +242,36 @@ def result_of(msg: EmailMessage) -> SendResult | None:
     return result
 
 
+def server_options(server: HostileSMTPServer, **options: Any) -> dict[str, Any]:
+    """A backend's options for ``server``: the pool (and so coalescing), the audit log."""
+    return {
+        "host": server.host,
+        "port": server.port,
+        "timeout": TIMEOUT,
+        "local_hostname": "client.example",
+        "pool": True,
+        "audit_log": True,
+        **options,
+    }
+
+
 def open_fds() -> int:
     return len(os.listdir(FD_DIR))
+
+
+@pytest.fixture
+def narrow_send_buffer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A slow link: the kernel takes at most :data:`SEND_BUFFER` bytes of the client's
+    writes at once (on loopback it takes about 4 MB, and no cancellation could land in the
+    middle of writing a message), so a large message's content is written over many turns
+    of the loop.  Set on each connected socket where the driver tunes it."""
+    tune = transport.quickack
+
+    def narrow(sock: socket.socket) -> None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
+        tune(sock)
+
+    monkeypatch.setattr("django_socketmail.smtp.aio.quickack", narrow)
 
 
 @pytest.fixture
@@ -239,8 +292,8 @@ async def play(caller: Caller, options: dict[str, Any]) -> int | list[int]:
     return await backend.asend_messages(caller.messages)
 
 
-async def burst(callers: list[Caller], options: dict[str, Any]) -> None:
-    """Start every caller, cancel the chosen ones on time, wait for all and for the runs."""
+def launch(callers: list[Caller], options: dict[str, Any]) -> list[asyncio.Task[Any]]:
+    """Start every caller; cancel the chosen ones on time."""
     loop = asyncio.get_running_loop()
     tasks = [asyncio.ensure_future(play(c, options)) for c in callers]
 
@@ -251,6 +304,12 @@ async def burst(callers: list[Caller], options: dict[str, Any]) -> None:
     for caller, task in zip(callers, tasks, strict=True):
         if caller.cancel_at is not None:
             loop.call_later(caller.cancel_at, cancel, caller, task)
+    return tasks
+
+
+async def burst(callers: list[Caller], options: dict[str, Any]) -> None:
+    """Start every caller, cancel the chosen ones on time, wait for all and for the runs."""
+    tasks = launch(callers, options)
     outcomes = await asyncio.gather(*tasks, return_exceptions=True)
     for caller, outcome in zip(callers, outcomes, strict=True):
         caller.outcome = outcome
@@ -284,6 +343,7 @@ async def after(options: dict[str, Any], seed: int) -> list[EmailMessage]:
 
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.usefixtures("narrow_send_buffer")
 def test_random_cancellations(seed: int, baseline: tuple[int, int]) -> None:
     print(f"seed {seed} (run it alone: {SEED_VARIABLE}={seed})")
     rng = random.Random(seed)
@@ -293,14 +353,7 @@ def test_random_cancellations(seed: int, baseline: tuple[int, int]) -> None:
     with HostileSMTPServer(
         server_rules.script(chunking=chunking), max_received=256 * 1024 * 1024
     ) as server:
-        options = {
-            "host": server.host,
-            "port": server.port,
-            "timeout": TIMEOUT,
-            "local_hostname": "client.example",
-            "pool": True,
-            "audit_log": True,
-        }
+        options = server_options(server)
 
         async def main() -> list[EmailMessage]:
             await burst(callers, options)
@@ -319,22 +372,64 @@ def test_random_cancellations(seed: int, baseline: tuple[int, int]) -> None:
             assert caller.cancelled, caller
             outcomes["cancelled"] += 1
             continue
-        statuses = [getattr(result_of(m), "status", None) for m in caller.messages]
+        got = [getattr(result_of(m), "status", None) for m in caller.messages]
         if caller.kind == "coalesced" and "nobody" in caller.messages[0].to[0]:
             assert isinstance(outcome, RecipientsRefused), (caller, outcome)
-            assert statuses == [SendStatus.REFUSED]
+            assert got == [SendStatus.REFUSED]
             outcomes["refused"] += 1
             continue
         expected = [1, 1] if caller.kind == "block" else len(caller.messages)
         assert outcome == expected, (caller, outcome)
-        assert statuses == [SendStatus.SENT] * len(caller.messages)
+        assert got == [SendStatus.SENT] * len(caller.messages)
         outcomes["sent"] += 1
     print(f"callers: {dict(outcomes)}; connections: {len(connections)}")
     assert outcomes["cancelled"] > 0
 
-    # Per Message-ID: nothing SENT that the server did not accept, nothing accepted reported
-    # as not sent, nothing accepted twice; the audit log says what the results say.
     messages = [m for c in callers for m in c.messages] + extra
+    statuses = check_results(messages, accepted)
+    assert statuses["sent"] > 0
+    check_server(connections, messages, accepted)
+    assert not server.pipelined_violation
+    check_nothing_left_open(baseline)
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.usefixtures("narrow_send_buffer")
+def test_the_loop_ending_mid_burst(seed: int, baseline: tuple[int, int]) -> None:
+    """The same burst, and the loop ends at a random moment of it (``asyncio.run``'s
+    coroutine returns), so the loop cancels every caller still waiting and every coalesced
+    run in flight.  The same truths hold, and each message the server accepted has its
+    result (SENT, or UNKNOWN when its reply had not been read) and its audit row."""
+    print(f"seed {seed} (run it alone: {SEED_VARIABLE}={seed})")
+    rng = random.Random(seed)
+    server_rules = SlowServer(random.Random(rng.random()))
+    callers = make_callers(rng, seed)
+    end_at = rng.uniform(*LOOP_ENDS_WITHIN)
+    with HostileSMTPServer(
+        server_rules.script(chunking=seed % 2 == 1), max_received=256 * 1024 * 1024
+    ) as server:
+        options = server_options(server)
+
+        async def main() -> None:
+            launch(callers, options)
+            await asyncio.sleep(end_at)
+
+        asyncio.run(main(), debug=True)
+        assert server.wait_closed(count=len(server.connections), timeout=TIMEOUT)
+    accepted = Counter(server_rules.accepted)
+    messages = [m for c in callers for m in c.messages]
+    print(f"loop ended after {end_at:.3f} s; {sum(accepted.values())} messages accepted")
+    check_results(messages, accepted)
+    check_server(server.connections, messages, accepted)
+    assert not server.pipelined_violation
+    check_nothing_left_open(baseline)
+
+
+def check_results(messages: list[EmailMessage], accepted: Counter[str]) -> Counter[str]:
+    """Per Message-ID: nothing SENT that the server did not accept, nothing it accepted
+    without a result nor FAILED or REFUSED, nothing accepted twice; the audit log says what
+    the results say.  Returns how many messages ended in each status."""
     rows = Counter[tuple[str, str]](MessageLog.objects.values_list("message_id", "status"))
     statuses = Counter[str]()
     for msg in messages:
@@ -354,9 +449,13 @@ def test_random_cancellations(seed: int, baseline: tuple[int, int]) -> None:
         assert logged == ({} if result is None else {status: 1}), (mid(msg), logged, result)
     print(f"messages: {dict(statuses)}")
     assert set(accepted) <= {mid(m) for m in messages}
-    assert statuses["sent"] > 0
+    return statuses
 
-    # The server saw well-formed commands only, and each message whole, as serialized.
+
+def check_server(
+    connections: list[Connection], messages: list[EmailMessage], accepted: Counter[str]
+) -> None:
+    """The server saw well-formed commands only, and each message whole, as serialized."""
     by_id = {mid(m): expected_bytes(m) for m in messages}
     for conn in connections:
         assert conn.errors == []
@@ -366,10 +465,12 @@ def test_random_cancellations(seed: int, baseline: tuple[int, int]) -> None:
         for content in conn.messages:
             [found] = MESSAGE_ID.findall(content)
             assert content == by_id[found.decode()], conn
-    assert not server.pipelined_violation
-    assert len(server.messages) == sum(accepted.values())
+    assert sum(len(conn.messages) for conn in connections) == sum(accepted.values())
 
-    # Nothing left open once the loop and the server are closed.
+
+def check_nothing_left_open(baseline: tuple[int, int]) -> None:
+    """No more file descriptors or threads than before, once the loop and the server are
+    closed (polled for up to 2 s: the server's threads end on their own)."""
     fds, threads = baseline
     gc.collect()
     deadline = time.monotonic() + 2.0
@@ -390,10 +491,10 @@ def test_a_caller_cancelled_while_giving_its_connection_back_does_not_drop_it(
 ) -> None:
     """The send is done and the backend is giving the session back to the loop's pool
     (writing its audit rows in a thread first) when the caller is cancelled: the caller gets
-    CancelledError, its messages stay SENT, and the healthy connection is pooled (not left
-    open outside the pool until the garbage collector finds it), so the next call reuses it.
-    ``batch``: the end of a two-message ``asend_messages()``; ``block``: ``async with``'s
-    exit."""
+    CancelledError, its messages stay SENT, and the connection is closed at once (it was
+    left open outside the pool, until the garbage collector found its transport); the next
+    call opens a new one.  ``batch``: the end of a two-message ``asend_messages()``;
+    ``block``: ``async with``'s exit."""
     flushes: list[int] = []
     entered, go_on = threading.Event(), threading.Event()
     flush = AuditRecorder.flush
@@ -411,13 +512,7 @@ def test_a_caller_cancelled_while_giving_its_connection_back_does_not_drop_it(
     first = [make_message(rng, 0, n, refusable=False) for n in range(2)]
     then = [make_message(rng, 0, n, refusable=False) for n in range(2, 4)]
     with HostileSMTPServer(Script([greet(), respond({})])) as server:
-        options = {
-            "host": server.host,
-            "port": server.port,
-            "timeout": TIMEOUT,
-            "local_hostname": "client.example",
-            "pool": True,
-        }
+        options = server_options(server, audit_log=False)
 
         async def send(backend: EmailBackend) -> int:
             if kind == "block":
@@ -439,13 +534,14 @@ def test_a_caller_cancelled_while_giving_its_connection_back_does_not_drop_it(
                 assert time.monotonic() < deadline, asyncio.all_tasks()
                 await asyncio.sleep(0.01)
             pool = await async_backend.loop_pool()
-            assert pool.idle_count() == 1
-            assert len(open_transports()) == 1
+            assert pool.idle_count() == 0
+            assert open_transports() == []
             assert await EmailBackend(**options).asend_messages(then) == 2
 
         asyncio.run(main(), debug=True)
-        assert server.wait_closed(timeout=TIMEOUT)
+        assert server.wait_closed(count=2, timeout=TIMEOUT)
     assert [getattr(result_of(m), "status", None) for m in first + then] == [SendStatus.SENT] * 4
-    [conn] = server.connections  # the second call reused the connection
-    assert len(conn.messages) == 4
-    assert conn.commands[-1] == b"QUIT"  # the loop's end QUIT it
+    cut, fresh = server.connections
+    assert (len(cut.messages), cut.ended_by, cut.count("QUIT")) == (2, "client", 0)
+    assert (len(fresh.messages), fresh.commands[-1]) == (2, b"QUIT")  # the loop's end QUIT it
+    check_nothing_left_open(baseline)
