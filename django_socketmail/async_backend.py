@@ -20,9 +20,10 @@ engine, so no message is reported SENT that the server did not accept), records 
 message of the run in flight with its truthful result, ends the session and re-raises.
 With ``pool=True`` outside ``async with``, sends are coalesced (:class:`Coalescer`): the
 run belongs to the mailer, so a cancelled caller stops waiting while its message finishes
-(and is recorded) with the others'.  A caller cancelled once its messages are settled, while
-its session is given back to the pool or ended (``async with``'s exit too), stops waiting at
-once: the session still reaches the pool (or its QUIT) in a task of its own.
+(and is recorded) with the others'.  A caller cancelled while its session is given back to
+the pool (``async with``'s exit too) closes the session rather than pool it.  When the loop
+shuts down, the runs in flight are cancelled like a caller's send: each message of the run
+is recorded with its truthful result.
 """
 
 from __future__ import annotations
@@ -380,7 +381,12 @@ class Coalescer:
                 items.append((request, batch[0]))
         if not items:
             return
-        outcome = await session.send([item[1] for _, item in items], stop_on_error=False)
+        try:
+            outcome = await session.send([item[1] for _, item in items], stop_on_error=False)
+        except asyncio.CancelledError:  # the loop's shutdown: the run ends as a caller's would
+            for request, item in items:
+                _record_cancelled(request.backend, session, [item])
+            raise
         for request, item in items:
             result = item[1].result
             mine = Batch(
@@ -417,7 +423,7 @@ async def _release(backend: _Host, session: AsyncSession) -> None:
     """Write the session's audit rows (in a thread), then give it to the loop's pool, which
     keeps or ends it.  Cancelled while the rows are written (the write goes on in its
     thread), the session is closed at once, not dropped open, and the cancellation
-    propagates: it cannot go to the pool while that thread still reads its recorder."""
+    propagates: it may not be pooled while that thread still reads its recorder."""
     try:
         await flush_in_thread(session.recorder)
     except asyncio.CancelledError:
@@ -574,24 +580,17 @@ class AsyncBackendMixin:
                     await flush_in_thread(state.session.recorder)
 
 
-_ENDING: set[asyncio.Task[None]] = set()
-"""Sessions being given back or ended for callers that may have stopped waiting."""
-
-
 async def _end_session(backend: _Host, state: _AsyncState) -> None:
-    """Give the session back to the loop's pool (``pool=True``), or end it, in a task of its
-    own: a cancellation of the caller meanwhile propagates at once and does not stop this
-    half way (which left a session neither pooled nor closed)."""
+    """Give the session back to the loop's pool (``pool=True``), or end it.  A cancellation
+    meanwhile closes it at once (see :func:`_release`): it is not left open outside the
+    pool."""
     session, state.session = state.session, None
     if session is None:
         return
     if backend.options.pool and session.loop is _running_loop():
-        task = asyncio.ensure_future(_release(backend, session))
+        await _release(backend, session)
     else:
-        task = asyncio.ensure_future(session.end())
-    _ENDING.add(task)
-    task.add_done_callback(_ENDING.discard)
-    await asyncio.shield(task)
+        await session.end()
 
 
 async def _send_all(backend: _Host, state: _AsyncState, messages: list[EmailMessage]) -> int:
