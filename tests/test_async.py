@@ -222,6 +222,27 @@ def test_unknown_after_a_lost_final_reply(api: str, make: Any) -> None:
 
 
 @pytest.mark.parametrize("api", APIS)
+@pytest.mark.parametrize("tls", ["starttls", "implicit"])
+def test_a_message_larger_than_one_write_over_tls(
+    api: str,
+    tls: str,
+    make: Any,
+    starttls_server: LocalSMTPServer,
+    implicit_server: LocalSMTPServer,
+) -> None:
+    """Two 230 KB messages over TLS, with a 2 s timeout: asyncio's SSL transport reports
+    "paused" with nothing buffered when the high-water mark is 0, and the async driver
+    waited for a reply that never came (SMTPTimeoutError; the sync driver: 0.2 s)."""
+    server = starttls_server if tls == "starttls" else implicit_server
+    backend = make(server, username=USER, password=PASSWORD, timeout=2)
+    body = ("x" * 75 + "\n") * 3000
+    msgs = [EmailMessage(f"large {n}", body, "s@example.com", ["r@example.com"]) for n in (1, 2)]
+    assert send(api, backend, msgs) == 2
+    assert [result_of(m).status for m in msgs] == [SendStatus.SENT, SendStatus.SENT]
+    assert len(server.wait_for_messages(2)) == 2
+
+
+@pytest.mark.parametrize("api", APIS)
 def test_timeout_bound_on_a_dripping_final_reply(api: str, make: Any) -> None:
     """A byte every 0.25 s: only a deadline per reply (not per read) ends it in time."""
     script = Script([greet(), respond({".": drip(b"250 2.0.0 Ok: queued as SLOW\r\n", 0.25)})])

@@ -523,7 +523,9 @@ class AsyncSMTPClient(DriverBase):
                     # replies, then the end.
                     continue
                 transport.write(view[start : start + CHUNK])
-                while stream.write_paused:
+                # asyncio's SSL transport may report "paused" with nothing left to write
+                # (high-water mark 0): only bytes still buffered are waited for.
+                while stream.write_paused and transport.get_write_buffer_size():
                     self._take_replies(stream)
                     if not await stream.wait(deadline):
                         raise TimeoutError
