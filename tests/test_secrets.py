@@ -6,21 +6,30 @@ The password and everything derived from it must be absent: raw, base64 (LOGIN's
 PLAIN blob raw and in base64, CRAM-MD5's digest and its base64 response, SCRAM's
 client-final-message (random per run: taken from what the server received) raw, in base64
 and its proof.
+
+Every search runs for each way of sending (``APIS``): ``backend.send_messages()``, Django's
+``send_mail()`` with the credentials in the settings, and their async twins
+``await backend.asend_messages()`` and ``await asend_mail()`` (each on a fresh event loop in
+asyncio's debug mode): the async traceback has coroutine and asyncio frames of its own.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Awaitable, Iterator
+from typing import Any, TypeVar
 
+import django
 import pytest
+from django.core import mail
 from django.core.mail import EmailMessage
 from django.test import override_settings
 from django.views.debug import ExceptionReporter
 
+import django_socketmail
 from django_socketmail.email_backend import EmailBackend
 from django_socketmail.smtp import AuthenticationError, SocketMailError
 
@@ -141,14 +150,79 @@ def scram_forms(commands: list[bytes]) -> list[str]:
     return forms
 
 
+T = TypeVar("T")
+APIS = ["send_messages", "send_mail", "asend_messages", "asend_mail"]
+"""How the failing send is made: the backend's method or Django's function, sync or async."""
+BACKEND = "django_socketmail.email_backend.EmailBackend"
+
+
+def run(awaitable: Awaitable[T]) -> T:
+    """Run in a fresh event loop in asyncio's debug mode."""
+
+    async def main() -> T:
+        return await awaitable
+
+    return asyncio.run(main(), debug=True)
+
+
+def mailer_settings(port: int, **options: Any) -> dict[str, Any]:
+    """Our backend as the default mailer with these credentials and options, in the
+    installed Django's terms: ``MAILERS`` on Django 6.1, ``EMAIL_*`` + ``SOCKETMAIL`` before
+    (the password then sits in the settings, which Django's reports must hide as well)."""
+    if django.VERSION >= (6, 1):
+        given = {"host": "127.0.0.1", "port": port, "username": USER, "password": PASSWORD}
+        return {"MAILERS": {"default": {"BACKEND": BACKEND, "OPTIONS": given | options}}}
+    own = {name: value for name, value in options.items() if name != "timeout"}
+    return {
+        "EMAIL_BACKEND": BACKEND,
+        "EMAIL_HOST": "127.0.0.1",
+        "EMAIL_PORT": port,
+        "EMAIL_HOST_USER": USER,
+        "EMAIL_HOST_PASSWORD": PASSWORD,
+        "EMAIL_TIMEOUT": options["timeout"],
+        "SOCKETMAIL": own,
+    }
+
+
+def send_one(api: str, backend: EmailBackend) -> int:
+    """One message, sent the ``api`` way (the functions take the settings' mailer)."""
+    if api == "send_mail":
+        return mail.send_mail("s", "b", "from@example.com", ["to@example.com"])
+    if api == "asend_mail":
+        return run(django_socketmail.asend_mail("s", "b", "from@example.com", ["to@example.com"]))
+    message = EmailMessage("s", "b", "from@example.com", ["to@example.com"])
+    if api == "asend_messages":
+        return run(backend.asend_messages([message]))
+    return backend.send_messages([message])
+
+
+ROUTES = {
+    "send_messages": {"send_messages"},
+    "send_mail": {"send_mail", "send_messages"},
+    "asend_messages": {"asend_messages", "run"},
+    "asend_mail": {"asend_mail", "asend_messages", "run"},
+}
+"""Functions each way's traceback passes through."""
+
+
+def frames_of(error: BaseException) -> set[str]:
+    names: set[str] = set()
+    tb = error.__traceback__
+    while tb is not None:
+        names.add(tb.tb_frame.f_code.co_name)
+        tb = tb.tb_next
+    return names
+
+
 def search(text: str, extra: list[str] | None = None) -> list[str]:
     return [form for form in [*FORMS, *(extra or [])] if form in text]
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def raised(request: pytest.FixtureRequest) -> Iterator[tuple[BaseException, list[str]]]:
-    """The error a send ended with, and the secret forms that crossed the wire this run."""
-    mechanism, end = request.param
+    """The error a send ended with, and the secret forms that crossed the wire this run
+    (module-scoped: the tests of one case share one failed send)."""
+    api, mechanism, end = request.param
     final, expected = (echo(mechanism), AuthenticationError) if end == "echo" else ending(end)
     scram = mechanism.startswith("SCRAM-")
     token = mechanism in ("XOAUTH2", "OAUTHBEARER")
@@ -170,32 +244,41 @@ def raised(request: pytest.FixtureRequest) -> Iterator[tuple[BaseException, list
     server = HostileSMTPServer([standard_session(rules, **extensions)])
     server.scram_servers = []  # type: ignore[attr-defined]
     server.tokens_seen = []  # type: ignore[attr-defined]
-    with server:
+    options: dict[str, Any] = {
+        "timeout": 0.5,
+        "auth_mechanisms": [mechanism],
+        "allow_cleartext_auth": True,
+        "token_provider": "tests.test_secrets.token_provider",
+        "audit_log": False,
+        "local_hostname": "client.example",
+    }
+    with server, override_settings(**mailer_settings(server.port, **options)):
         backend = EmailBackend(
-            host=server.host,
-            port=server.port,
-            username=USER,
-            password=PASSWORD,
-            timeout=0.5,
-            auth_mechanisms=[mechanism],
-            allow_cleartext_auth=True,
-            token_provider="tests.test_secrets.token_provider",
-            audit_log=False,
-            local_hostname="client.example",
+            host=server.host, port=server.port, username=USER, password=PASSWORD, **options
         )
-        message = EmailMessage("s", "b", "from@example.com", ["to@example.com"])
         with pytest.raises(expected) as info:
-            backend.send_messages([message])
+            send_one(api, backend)
         backend.close()
+        assert ROUTES[api] <= frames_of(info.value)  # it came the way it was sent
         server.wait_closed()
         # No local for the forms: this frame is in the traceback, its locals in the report.
         yield info.value, _wire_forms(server, mechanism)
 
 
-CASES = [(m, e) for m in MECHANISMS for e in ("accepted", "535", "hang-up", "no-answer", "echo")]
+ENDINGS = ("accepted", "535", "hang-up", "no-answer", "echo")
+AUTH_REFUSED = ("535", "echo")
+CASES = [
+    (a, m, e)
+    for a in APIS
+    for m in MECHANISMS
+    for e in (ENDINGS if a.endswith("send_messages") else AUTH_REFUSED)
+]
+"""Every mechanism and ending through the backend's methods, sync and async; through the
+functions (whose frames only add to the top of the same traceback), the AUTH refusals."""
+IDS = [f"{a}-{m}-{e}" for a, m, e in CASES]
 
 
-@pytest.mark.parametrize("raised", CASES, indirect=True, ids=[f"{m}-{e}" for m, e in CASES])
+@pytest.mark.parametrize("raised", CASES, indirect=True, ids=IDS, scope="module")
 @pytest.mark.parametrize("debug", [True, False], ids=["DEBUG", "production"])
 def test_no_secret_in_django_error_reports(
     raised: tuple[BaseException, list[str]], debug: bool
@@ -210,7 +293,7 @@ def test_no_secret_in_django_error_reports(
     assert search(text, forms) == []
 
 
-@pytest.mark.parametrize("raised", CASES, indirect=True, ids=[f"{m}-{e}" for m, e in CASES])
+@pytest.mark.parametrize("raised", CASES, indirect=True, ids=IDS, scope="module")
 def test_no_secret_in_the_exception_chain_or_its_frames(
     raised: tuple[BaseException, list[str]],
 ) -> None:
@@ -235,7 +318,8 @@ def _safe_repr(value: Any) -> str:
         return f"<repr failed: {type(error).__name__}>"
 
 
-def test_echoed_secrets_are_redacted_from_replies_and_transcript() -> None:
+@pytest.mark.parametrize("api", ["send_messages", "asend_messages"])
+def test_echoed_secrets_are_redacted_from_replies_and_transcript(api: str) -> None:
     final = echo("PLAIN")
     lines: list[str] = []
     with HostileSMTPServer([standard_session({"AUTH": auth(final)})]) as server:
@@ -251,7 +335,7 @@ def test_echoed_secrets_are_redacted_from_replies_and_transcript() -> None:
         )
         backend.transcript_listeners.append(lambda line: lines.append(str(line)))
         with pytest.raises(AuthenticationError) as info:
-            backend.send_messages([EmailMessage("s", "b", "f@example.com", ["t@example.com"])])
+            send_one(api, backend)
     assert "[redacted]" in str(info.value)
     assert search(str(info.value)) == []
     assert search("\n".join(lines)) == []
