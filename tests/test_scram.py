@@ -8,15 +8,16 @@ it checks the client's proof and channel binding and can be told to misbehave.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import datetime
 import hashlib
 import hmac
 import secrets
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from cryptography import x509
@@ -510,9 +511,25 @@ def _backend(server: HostileSMTPServer, **options: Any) -> EmailBackend:
     )
 
 
-def _send(backend: EmailBackend) -> int:
+APIS = ["sync", "async"]
+T = TypeVar("T")
+
+
+def run(awaitable: Awaitable[T]) -> T:
+    """Run in a fresh event loop in asyncio's debug mode."""
+
+    async def main() -> T:
+        return await awaitable
+
+    return asyncio.run(main(), debug=True)
+
+
+def _send(backend: EmailBackend, api: str = "sync") -> int:
+    """One message through ``send_messages()`` or ``await asend_messages()`` (``api``)."""
     message = EmailMessage("s", "b", "from@example.com", ["to@example.com"])
     try:
+        if api == "async":
+            return run(backend.asend_messages([message]))
         return backend.send_messages([message])
     finally:
         backend.close()
@@ -529,11 +546,12 @@ def _no_password_on_wire(server: HostileSMTPServer) -> None:
 
 
 @pytest.mark.parametrize("mechanism", ["SCRAM-SHA-256", "SCRAM-SHA-1"])
+@pytest.mark.parametrize("api", APIS)
 def test_session_authenticates_without_tls_and_without_sending_the_password(
-    scram_server: Callable[..., HostileSMTPServer], mechanism: str
+    scram_server: Callable[..., HostileSMTPServer], mechanism: str, api: str
 ) -> None:
     server = scram_server()
-    assert _send(_backend(server, auth_mechanisms=[mechanism])) == 1
+    assert _send(_backend(server, auth_mechanisms=[mechanism]), api) == 1
     assert server.wait_closed()
     assert [line.split()[1] for line in _auth_lines(server)] == [mechanism.encode()]
     assert server.scram_servers[0].failure == ""  # type: ignore[attr-defined]
@@ -543,11 +561,13 @@ def test_session_authenticates_without_tls_and_without_sending_the_password(
     assert server.errors == [] and server.violations == []
 
 
+@pytest.mark.parametrize("api", APIS)
 def test_default_preference_picks_scram_sha_256_first(
     scram_server: Callable[..., HostileSMTPServer],
+    api: str,
 ) -> None:
     server = scram_server()
-    assert _send(_backend(server)) == 1  # no auth_mechanisms, no TLS, no cleartext allowed
+    assert _send(_backend(server), api) == 1  # no auth_mechanisms, no TLS, no cleartext allowed
     assert [line.split()[1] for line in _auth_lines(server)] == [b"SCRAM-SHA-256"]
 
 
@@ -559,12 +579,13 @@ def test_default_preference_picks_scram_sha_256_first(
         ("no-signature", "without proving that it knows the password"),
     ],
 )
+@pytest.mark.parametrize("api", APIS)
 def test_a_server_that_cannot_prove_itself_is_a_failed_auth(
-    scram_server: Callable[..., HostileSMTPServer], misbehave: str, note: str
+    scram_server: Callable[..., HostileSMTPServer], misbehave: str, note: str, api: str
 ) -> None:
     server = scram_server(misbehave=misbehave)
     with pytest.raises(AuthenticationError, match=note):
-        _send(_backend(server))
+        _send(_backend(server), api)
     assert server.wait_closed()
     verbs = [c.split()[0].upper() for c in server.commands if c.split()]
     assert b"MAIL" not in verbs and server.messages == []
@@ -576,8 +597,9 @@ def test_a_server_that_cannot_prove_itself_is_a_failed_auth(
     _no_password_on_wire(server)
 
 
+@pytest.mark.parametrize("api", APIS)
 def test_ten_million_iterations_refused_quickly_through_a_session(
-    scram_server: Callable[..., HostileSMTPServer], monkeypatch: pytest.MonkeyPatch
+    scram_server: Callable[..., HostileSMTPServer], monkeypatch: pytest.MonkeyPatch, api: str
 ) -> None:
     server = scram_server(iterations=10_000_000)
     calls: list[int] = []
@@ -585,13 +607,15 @@ def test_ten_million_iterations_refused_quickly_through_a_session(
     monkeypatch.setattr(scram_module.hashlib, "pbkdf2_hmac", lambda *a: calls.append(1) or real(*a))
     started = time.monotonic()
     with pytest.raises(AuthenticationError, match="10000000 iterations"):
-        _send(_backend(server))
+        _send(_backend(server), api)
     assert time.monotonic() - started < 1.0
     assert calls == []
 
 
+@pytest.mark.parametrize("api", APIS)
 def test_535_after_scram_tries_no_other_mechanism(
     scram_server: Callable[..., HostileSMTPServer],
+    api: str,
 ) -> None:
     server = scram_server()
     wrong = EmailBackend(
@@ -599,14 +623,16 @@ def test_535_after_scram_tries_no_other_mechanism(
         timeout=2, audit_log=False, allow_cleartext_auth=True,
     )  # fmt: skip
     with pytest.raises(AuthenticationError) as info:
-        _send(wrong)
+        _send(wrong, api)
     assert info.value.smtp_code == 535
     assert len(_auth_lines(server)) == 1  # PLAIN, LOGIN and CRAM-MD5 were offered too
     assert server.scram_servers[0].failure == "invalid proof"  # type: ignore[attr-defined]
 
 
+@pytest.mark.parametrize("api", APIS)
 def test_password_refused_by_saslprep_sends_no_auth(
     scram_server: Callable[..., HostileSMTPServer],
+    api: str,
 ) -> None:
     server = scram_server()
     backend = EmailBackend(
@@ -614,7 +640,7 @@ def test_password_refused_by_saslprep_sends_no_auth(
         timeout=2, audit_log=False,
     )  # fmt: skip
     with pytest.raises(SASLprepError, match="SASLprep"):
-        _send(backend)
+        _send(backend, api)
     assert server.wait_closed()
     assert _auth_lines(server) == []
 
@@ -767,8 +793,9 @@ def test_require_channel_binding_without_plus_offered_changes_nothing() -> None:
 
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.parametrize("mechanism", ["SCRAM-SHA-256", "SCRAM-SHA-1"])
+@pytest.mark.parametrize("api", APIS)
 def test_no_scram_secret_in_any_audit_column(
-    scram_server: Callable[..., HostileSMTPServer], mechanism: str
+    scram_server: Callable[..., HostileSMTPServer], mechanism: str, api: str
 ) -> None:
     """A send, then a failed one (wrong password, after a server echoing what it got):
     no form of the password nor of either client-final-message in any text column."""
@@ -779,12 +806,12 @@ def test_no_scram_secret_in_any_audit_column(
     from .test_secrets import scram_forms
 
     server = scram_server()
-    assert _send(_backend(server, auth_mechanisms=[mechanism], audit_log=True)) == 1
+    assert _send(_backend(server, auth_mechanisms=[mechanism], audit_log=True), api) == 1
     wrong = EmailBackend(
         host=server.host, port=server.port, username=USER, password=PASSWORD + "x",
         timeout=2, auth_mechanisms=[mechanism], fail_silently=True,
     )  # fmt: skip
-    assert _send(wrong) == 0
+    assert _send(wrong, api) == 0
     assert server.wait_closed(count=2)
     forms = scram_forms(server.commands)
     assert len(forms) == 6  # two client-final-messages, three forms each
