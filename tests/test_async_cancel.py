@@ -480,9 +480,11 @@ def check_nothing_left_open(baseline: tuple[int, int]) -> None:
 
 
 def open_transports() -> list[asyncio.Transport]:
-    """The asyncio transports not closed (nor closing), found by the garbage collector."""
+    """The asyncio transports not closed (nor closing), found by the garbage collector.
+    (``type()``, not ``isinstance()``: that would set up any of Django's lazy objects.)"""
     gc.collect()
-    return [t for t in gc.get_objects() if isinstance(t, asyncio.Transport) and not t.is_closing()]
+    transports = [t for t in gc.get_objects() if issubclass(type(t), asyncio.Transport)]
+    return [t for t in transports if not t.is_closing()]
 
 
 @pytest.mark.parametrize("kind", ["batch", "block"])
