@@ -128,9 +128,11 @@ def _body(size: int = 2048) -> str:
 # ``python bench/queue_peers.py --child enqueue|stats ...`` with DJANGO_SETTINGS_MODULE set.
 
 
-def child_enqueue(count: int, case: str, domain: str) -> dict[str, Any]:
+def child_enqueue(count: int, case: str, domain: str, extra_runs: int = 0) -> dict[str, Any]:
     """Store ``count`` messages through the settings' EMAIL_BACKEND, :data:`CHUNK` per
-    transaction; each has the Message-ID ``<n.case@domain.bench>``."""
+    transaction; each has the Message-ID ``<n.case@domain.bench>``.  ``extra_runs`` (ours
+    only): then enqueue that many more delivery tasks for the default mailer, through the
+    task's public API, as a fan-out to ``max_connections`` would."""
     from django.core.mail import EmailMessage, get_connection
     from django.db import transaction
 
@@ -152,6 +154,11 @@ def child_enqueue(count: int, case: str, domain: str) -> dict[str, Any]:
         with transaction.atomic():
             get_connection().send_messages(batch)
         stored += len(batch)
+    if extra_runs:
+        from django_socketmail.queue import deliver
+
+        for _ in range(extra_runs):
+            deliver.enqueue("")
     return {"stored": stored, "seconds": time.perf_counter() - started}
 
 
@@ -192,7 +199,7 @@ def child_main(args: argparse.Namespace) -> int:
 
     django.setup()
     if args.child == "enqueue":
-        result = child_enqueue(args.count, args.case, DOMAIN[args.contender])
+        result = child_enqueue(args.count, args.case, DOMAIN[args.contender], args.extra_runs)
     else:
         result = child_stats(args.contender)
     print(json.dumps(result))
@@ -386,6 +393,8 @@ class Case:
     processes: int = 1
     options: dict[str, Any] = field(default_factory=dict)
     rate: bool = False
+    extra_runs: int = 0
+    """Delivery tasks enqueued after the backlog besides the one the enqueue made (ours)."""
     live: bool = False
     """Senders started first (idle 3 s), then the enqueue: the clock runs from its start."""
     round: int = 1
@@ -482,6 +491,7 @@ class Bench:
         me = [sys.executable, str(Path(__file__).resolve())]
         common = ["--contender", case.contender, "--case", case.key]
         enqueue = [*me, "--child", "enqueue", "--count", str(case.messages), *common]
+        enqueue += ["--extra-runs", str(case.extra_runs)]
         if not case.live:
             stored = json.loads(run_child(enqueue, env, 600, logfile))
             outcome.enqueue_seconds = stored["seconds"]
@@ -594,6 +604,9 @@ def plan(args: argparse.Namespace) -> list[Case]:
                 for contender in order:
                     if contender == "ours":
                         cases.append(Case("ours", "ours 4 db_worker", count, kind, 4, round=r))
+                        if args.fan_out:
+                            label = "ours 4 runs"
+                            cases.append(Case("ours", label, count, kind, 4, extra_runs=3, round=r))
                         if args.live:
                             label = "ours live"
                             cases.append(Case("ours", label, count, kind, 4, live=True, round=r))
@@ -643,7 +656,17 @@ def report(outcomes: list[Outcome], facts: list[str]) -> str:
         versus = ""
         if rate and mine and o.case.contender != "ours":
             versus = f"{mine / rate:.2f}x"
-            ratios.setdefault((n, o.case.port_kind, o.case.label), []).append(mine / rate)
+        if rate and o.case.contender != "ours":
+            for variant in outcomes:  # every ours of the same size, port and round
+                same = (variant.case.messages, variant.case.port_kind, variant.case.round)
+                if (
+                    variant.case.contender == "ours"
+                    and not (variant.case.rate or variant.case.live)
+                    and same == (n, o.case.port_kind, o.case.round)
+                    and variant.per_second
+                ):
+                    key = (n, o.case.port_kind, f"{variant.case.label} vs {o.case.label}")
+                    ratios.setdefault(key, []).append(variant.per_second / rate)
         written = o.db.get("inserted", 0) + o.db.get("updated", 0) + o.db.get("deleted", 0)
         failed = o.error.strip().splitlines()[-1:] or ["?"]
         delivery = f"{o.seconds:.1f} s" if o.seconds is not None else f"({failed[0]})"
@@ -660,7 +683,7 @@ def report(outcomes: list[Outcome], facts: list[str]) -> str:
     for (n, port, label), found in ratios.items():
         each = ", ".join(f"{r:.2f}x" for r in found)
         median = statistics.median(found)
-        lines.append(f"- ours vs {label}, {n:,} messages, {port}: {each} (median {median:.2f}x)")
+        lines.append(f"- {label}, {n:,} messages, {port}: {each} (median {median:.2f}x)")
     for o in outcomes:
         if o.case.rate and o.rate_per_min is not None:
             lines += [
@@ -737,6 +760,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--submission", action="store_true", help="also STARTTLS + AUTH")
     parser.add_argument("--rounds", type=int, default=1, help="of ours and post-office")
     parser.add_argument(
+        "--fan-out",
+        action="store_true",
+        help="also ours with 3 more delivery tasks enqueued after the backlog (4 runs)",
+    )
+    parser.add_argument(
         "--live", action="store_true", help="also ours with the workers running before enqueue"
     )
     parser.add_argument("--rate-messages", type=int, default=0, help="rate-limit case; 0: none")
@@ -749,6 +777,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--child", choices=["enqueue", "stats"], help=argparse.SUPPRESS)
     parser.add_argument("--count", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--case", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--extra-runs", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         args.contender = args.contender[0]
