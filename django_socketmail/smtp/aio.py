@@ -523,6 +523,10 @@ class AsyncSMTPClient(DriverBase):
                     # replies, then the end.
                     continue
                 transport.write(view[start : start + CHUNK])
+                if transport.is_closing():
+                    # A write met a reset: asyncio closes the transport at once but only
+                    # reports the loss when the loop next turns, and drops later writes.
+                    raise ServerDisconnected("connection lost while sending")
                 # asyncio's SSL transport may report "paused" with nothing left to write
                 # (high-water mark 0): only bytes still buffered are waited for.
                 while stream.write_paused and transport.get_write_buffer_size():
