@@ -19,6 +19,7 @@ import asyncio
 import base64
 import hashlib
 import hmac
+import logging
 from collections.abc import Awaitable, Iterator
 from typing import Any, TypeVar
 
@@ -218,10 +219,47 @@ def search(text: str, extra: list[str] | None = None) -> list[str]:
     return [form for form in [*FORMS, *(extra or [])] if form in text]
 
 
+Raised = tuple[BaseException, list[str], str]
+"""A failed send's error, the secret forms that crossed the wire, and what was logged."""
+LOGGERS = ("django_socketmail", "asyncio")
+
+
+class LogRecords(logging.Handler):
+    """Every record of ``LOGGERS`` at DEBUG while in the ``with`` block, formatted as a log
+    file would have it (tracebacks included)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.setFormatter(logging.Formatter("%(levelname)s %(name)s %(message)s"))
+        self.lines: list[str] = []
+        self._levels: list[int] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+    def __enter__(self) -> LogRecords:
+        for name in LOGGERS:
+            logger = logging.getLogger(name)
+            self._levels.append(logger.level)
+            logger.setLevel(logging.DEBUG)
+            logger.addHandler(self)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for name, level in zip(LOGGERS, self._levels, strict=True):
+            logger = logging.getLogger(name)
+            logger.removeHandler(self)
+            logger.setLevel(level)
+
+
 @pytest.fixture(scope="module")
-def raised(request: pytest.FixtureRequest) -> Iterator[tuple[BaseException, list[str]]]:
-    """The error a send ended with, and the secret forms that crossed the wire this run
-    (module-scoped: the tests of one case share one failed send)."""
+def raised(request: pytest.FixtureRequest) -> Iterator[Raised]:
+    """The error a send ended with, the secret forms that crossed the wire this run and
+    what was logged meanwhile (module-scoped: the tests of one case share one failed
+    send)."""
     api, mechanism, end = request.param
     final, expected = (echo(mechanism), AuthenticationError) if end == "echo" else ending(end)
     scram = mechanism.startswith("SCRAM-")
@@ -252,7 +290,11 @@ def raised(request: pytest.FixtureRequest) -> Iterator[tuple[BaseException, list
         "audit_log": False,
         "local_hostname": "client.example",
     }
-    with server, override_settings(**mailer_settings(server.port, **options)):
+    with (
+        server,
+        override_settings(**mailer_settings(server.port, **options)),
+        LogRecords() as logged,
+    ):
         backend = EmailBackend(
             host=server.host, port=server.port, username=USER, password=PASSWORD, **options
         )
@@ -262,7 +304,7 @@ def raised(request: pytest.FixtureRequest) -> Iterator[tuple[BaseException, list
         assert ROUTES[api] <= frames_of(info.value)  # it came the way it was sent
         server.wait_closed()
         # No local for the forms: this frame is in the traceback, its locals in the report.
-        yield info.value, _wire_forms(server, mechanism)
+        yield info.value, _wire_forms(server, mechanism), logged.text()
 
 
 ENDINGS = ("accepted", "535", "hang-up", "no-answer", "echo")
@@ -280,10 +322,8 @@ IDS = [f"{a}-{m}-{e}" for a, m, e in CASES]
 
 @pytest.mark.parametrize("raised", CASES, indirect=True, ids=IDS, scope="module")
 @pytest.mark.parametrize("debug", [True, False], ids=["DEBUG", "production"])
-def test_no_secret_in_django_error_reports(
-    raised: tuple[BaseException, list[str]], debug: bool
-) -> None:
-    error, forms = raised
+def test_no_secret_in_django_error_reports(raised: Raised, debug: bool) -> None:
+    error, forms, _ = raised
     with override_settings(DEBUG=debug):
         reporter = ExceptionReporter(None, type(error), error, error.__traceback__)
         html = reporter.get_traceback_html()
@@ -295,9 +335,9 @@ def test_no_secret_in_django_error_reports(
 
 @pytest.mark.parametrize("raised", CASES, indirect=True, ids=IDS, scope="module")
 def test_no_secret_in_the_exception_chain_or_its_frames(
-    raised: tuple[BaseException, list[str]],
+    raised: Raised,
 ) -> None:
-    error, forms = raised
+    error, forms, _ = raised
     seen: list[str] = []
     link: BaseException | None = error
     while link is not None:
@@ -309,6 +349,15 @@ def test_no_secret_in_the_exception_chain_or_its_frames(
             tb = tb.tb_next
         link = link.__cause__ or link.__context__
     assert search("\n".join(seen), forms) == []
+
+
+@pytest.mark.parametrize("raised", CASES, indirect=True, ids=IDS, scope="module")
+def test_no_secret_in_the_logs(raised: Raised) -> None:
+    """Everything django_socketmail and asyncio (in debug mode) logged during the failed
+    send, at DEBUG, tracebacks included: the transcript is there, no secret is."""
+    _, forms, logged = raised
+    assert "connecting to" in logged  # the transcript was logged...
+    assert search(logged, forms) == []  # ...and holds no credential
 
 
 def _safe_repr(value: Any) -> str:
