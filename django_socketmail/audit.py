@@ -144,8 +144,9 @@ class _MessageRecord:
     outbox_id: int | None
     transcript: tuple[TranscriptLine, ...]
     subject: str
-    head: bytes
-    """The message's leading bytes: its Message-ID and stored body are read from them."""
+    message_id: str
+    body: bytes
+    """The message's leading ``audit_body_bytes`` (decoded when written)."""
 
 
 @dataclass(slots=True)
@@ -239,7 +240,8 @@ class AuditRecorder:
                 outbox_id=result.outbox_id,
                 transcript=tuple(result.transcript),
                 subject=str(message.subject) if message is not None else "",
-                head=_leading(raw, max(_HEAD_BYTES, self.options.audit_body_bytes)),
+                message_id=_header(message, "Message-ID", _leading(raw, _HEAD_BYTES)),
+                body=_leading(raw, self.options.audit_body_bytes),
             )
         )
 
@@ -400,12 +402,11 @@ class AuditRecorder:
         """A MessageLog row, in the order of :data:`_MESSAGE_COLUMNS`."""
         error = record.error
         final = record.final
-        head = record.head
         return (
             session_id,
             created,
             record.status,
-            _text(model, "message_id", _header(None, "Message-ID", head[:_HEAD_BYTES])),
+            _text(model, "message_id", record.message_id),
             _text(model, "sender", record.mail_from),
             _text(model, "recipients", ", ".join(r[0] for r in record.recipients)),
             _text(model, "subject", record.subject),
@@ -421,7 +422,7 @@ class AuditRecorder:
             _text(
                 model,
                 "body",
-                head[:body_bytes].decode("utf-8", "replace") if body_bytes else "",
+                record.body[:body_bytes].decode("utf-8", "replace") if body_bytes else "",
             ),
             record.outbox_id,
         )

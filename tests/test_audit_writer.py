@@ -344,6 +344,37 @@ def test_a_full_queue_makes_the_caller_write_in_order(monkeypatch: pytest.Monkey
     assert MessageLog.objects.using(stuck).count() == 1
 
 
+def test_a_row_is_what_was_observed_when_the_attempt_finished() -> None:
+    # The rows are written later, by the thread: a message or result changed by the caller
+    # after send_messages() returned (a form's EmailMessage reused) does not change them.
+    recorder = _recorder(FILE_A, audit_body_bytes=4096)
+    email = message(["first@example.com"])
+    email.subject = "as sent"
+    result = SendResult(
+        "sender@example.com",
+        [RecipientResult("first@example.com", RecipientStatus.DELIVERED)],
+        started=time.time(),
+    )
+    raw = [b"Message-ID: <sent@example.com>\r\nSubject: as sent\r\n\r\nthe body"]
+    held = _recorder(FILE_A)
+    with writer_held(held):
+        recorder.message_finished(email, result, raw)
+        recorder.flush()
+        email.subject = "changed"
+        result.recipients[0] = RecipientResult("other@example.com", RecipientStatus.REFUSED)
+        raw[0] = b"Message-ID: <other@example.com>\r\n\r\nother"
+    assert drain_audit_log(10)
+    row = MessageLog.objects.using(FILE_A).get(subject="as sent")
+    assert (row.recipients, row.status, row.message_id) == (
+        "first@example.com",
+        "sent",
+        "<sent@example.com>",
+    )
+    assert row.body.endswith("the body")
+    recipient = RecipientLog.objects.using(FILE_A).get(message=row)
+    assert (recipient.address, recipient.status) == ("first@example.com", "delivered")
+
+
 def test_an_in_memory_database_is_written_inline(
     make_backend: BackendFactory, plain_server: LocalSMTPServer
 ) -> None:
