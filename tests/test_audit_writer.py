@@ -7,6 +7,7 @@ from another thread, which is itself a contract (their rows are written inline).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import logging
@@ -373,6 +374,21 @@ def test_a_row_is_what_was_observed_when_the_attempt_finished() -> None:
     assert row.body.endswith("the body")
     recipient = RecipientLog.objects.using(FILE_A).get(message=row)
     assert (recipient.address, recipient.status) == ("first@example.com", "delivered")
+
+
+def test_async_sends_hand_their_rows_to_the_thread(
+    make_backend: BackendFactory, plain_server: LocalSMTPServer
+) -> None:
+    backend = background(make_backend, plain_server, audit_database=FILE_A)
+
+    async def send() -> int:
+        async with backend:
+            return await backend.asend_messages([message(), message()])
+
+    assert asyncio.run(send()) == 2
+    assert drain_audit_log(10)
+    assert MessageLog.objects.using(FILE_A).count() == 2
+    assert SessionLog.objects.using(FILE_A).get().ended is not None
 
 
 def test_an_in_memory_database_is_written_inline(
