@@ -776,27 +776,10 @@ def test_disconnect_after_mail(scenario: ScenarioFactory, quiet: bool) -> None:
 @quiet_or_not
 @pytest.mark.parametrize("size", ["64KB", "8MB"])
 def test_disconnect_while_content_is_sent(
-    scenario: ScenarioFactory, quiet: bool, size: str, api: str, request: pytest.FixtureRequest
+    scenario: ScenarioFactory, quiet: bool, size: str
 ) -> None:
     """The server resets the connection after 1000 bytes of content.  A small message may
     be all in the socket buffers by then (maybe received: unknown); a large one cannot."""
-    if api == "async" and size == "8MB":
-        # Not strict: the defect shows only when the reset reaches the client between two
-        # of its writes rather than while it waits for the socket to drain -- about 9 runs
-        # in 10 here, and a loaded machine can turn a whole run the other way.
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=False,
-                reason=(
-                    "async driver defect (smtp/aio.py AsyncSMTPClient._send_all, the "
-                    "transport.write() loop): once a write hit the reset, asyncio's transport "
-                    "drops every later write() without pausing the protocol, and "
-                    "connection_lost only runs when the loop next turns; the loop of writes "
-                    "never yields, so all 8 MB count as written and the message is UNKNOWN "
-                    "(maybe delivered) instead of FAILED"
-                ),
-            )
-        )
     rules: dict[str, Response] = {
         "DATA": [reply(354, "End data with <CR><LF>.<CR><LF>"), read_bytes(1000), close(reset=True)]
     }
