@@ -255,12 +255,9 @@ class LogRecords(logging.Handler):
             logger.setLevel(level)
 
 
-@pytest.fixture(scope="module")
-def raised(request: pytest.FixtureRequest) -> Iterator[Raised]:
-    """The error a send ended with, the secret forms that crossed the wire this run and
-    what was logged meanwhile (module-scoped: the tests of one case share one failed
-    send)."""
-    api, mechanism, end = request.param
+def server_for(mechanism: str, end: str) -> tuple[HostileSMTPServer, type[BaseException]]:
+    """A server offering ``mechanism`` whose AUTH ends as ``end`` says (see ``ending``;
+    ``"echo"``: refused, quoting the secrets back), and the error a send then raises."""
     final, expected = (echo(mechanism), AuthenticationError) if end == "echo" else ending(end)
     scram = mechanism.startswith("SCRAM-")
     token = mechanism in ("XOAUTH2", "OAUTHBEARER")
@@ -282,6 +279,16 @@ def raised(request: pytest.FixtureRequest) -> Iterator[Raised]:
     server = HostileSMTPServer([standard_session(rules, **extensions)])
     server.scram_servers = []  # type: ignore[attr-defined]
     server.tokens_seen = []  # type: ignore[attr-defined]
+    return server, expected
+
+
+@pytest.fixture(scope="module")
+def raised(request: pytest.FixtureRequest) -> Iterator[Raised]:
+    """The error a send ended with, the secret forms that crossed the wire this run and
+    what was logged meanwhile (module-scoped: the tests of one case share one failed
+    send)."""
+    api, mechanism, end = request.param
+    server, expected = server_for(mechanism, end)
     options: dict[str, Any] = {
         "timeout": 0.5,
         "auth_mechanisms": [mechanism],
@@ -389,3 +396,52 @@ def test_echoed_secrets_are_redacted_from_replies_and_transcript(api: str) -> No
     assert search(str(info.value)) == []
     assert search("\n".join(lines)) == []
     assert any("bad credentials: [redacted]" in line for line in lines)
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("mechanism", MECHANISMS)
+@pytest.mark.parametrize("api", ["send_messages", "asend_messages"])
+def test_no_secret_in_any_audit_column(api: str, mechanism: str) -> None:
+    """With the audit log on, a session whose AUTH is accepted (then MAIL is refused) and
+    one whose AUTH is refused by a server quoting the secrets back: no form of the secret
+    in any text column of the audit tables, whichever API sent (the async one writes its
+    rows from a worker thread)."""
+    from django.db import models
+
+    from django_socketmail.models import MessageLog, RecipientLog, SessionLog
+
+    forms: list[str] = []
+    for end in ("accepted", "echo"):
+        server, expected = server_for(mechanism, end)
+        with server:
+            backend = EmailBackend(
+                host=server.host,
+                port=server.port,
+                username=USER,
+                password=PASSWORD,
+                timeout=2,
+                auth_mechanisms=[mechanism],
+                allow_cleartext_auth=True,
+                token_provider="tests.test_secrets.token_provider",
+                audit_log=True,
+                local_hostname="client.example",
+            )
+            with pytest.raises(expected):
+                send_one(api, backend)
+            backend.close()
+            assert server.wait_closed()
+            forms += _wire_forms(server, mechanism)
+
+    def text(model: type[models.Model]) -> str:
+        names = [
+            f.name
+            for f in model._meta.get_fields()
+            if isinstance(f, (models.CharField, models.TextField))
+        ]
+        return "\n".join(str(value) for row in model.objects.values_list(*names) for value in row)
+
+    dump = text(SessionLog) + text(MessageLog) + text(RecipientLog)
+    assert SessionLog.objects.count() == 2
+    assert SessionLog.objects.filter(auth_mechanism=mechanism).exists()
+    assert "[redacted]" in dump  # the refusal that quoted the secrets was recorded, redacted
+    assert search(dump, forms) == []
