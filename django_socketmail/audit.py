@@ -160,7 +160,7 @@ class _SessionState:
     error: BaseException | None
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)  # compared by identity (the writer's queue)
 class AuditJob:
     """What one :meth:`AuditRecorder.flush` hands over: plain values, written in one
     transaction (inline, or by :mod:`.audit_writer`, which may merge the jobs of one recorder
