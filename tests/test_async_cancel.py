@@ -9,8 +9,8 @@ before every reply, sends some in two parts a pause apart and sometimes waits be
 a message's content; a quarter of the messages are large and the client's send buffer is
 narrow; so the cancellations (``task.cancel()`` at random moments) land while connecting,
 mid-command, mid-content (DATA, or BDAT when the server offers CHUNKING) and mid-reply (over
-the five seeds, counted once in the driver: about 25 while connecting, 20 waiting for a
-reply, 5 while writing content, and one or two with part of a reply read).
+the five seeds, as counted in the driver once: about 8 while connecting, 17 waiting for a
+reply, 2 with part of a reply read, and 4 while writing a message's content).
 
 Then, per Message-ID: nothing the server did not accept is SENT (in ``socketmail_result``
 or in the audit log), nothing it accepted is without a result, FAILED or REFUSED, nothing is
