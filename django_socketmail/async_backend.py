@@ -251,8 +251,11 @@ async def loop_pool() -> AsyncPool:
 
 
 DEFAULT_MAX_CONNECTIONS: Final = 3
-"""Most connections the coalesced runs of one mailer use at once (Microsoft 365 allows 3
-concurrent connections per mailbox)."""
+"""Most connections the coalesced runs of one mailer use at once on one event loop when
+``max_connections`` is not set (Microsoft 365 allows 3 concurrent connections per
+mailbox)."""
+MIN_SHARE: Final = 8
+"""Fewest waiting messages per runner for which another connection is opened."""
 
 
 class _Request:
@@ -298,8 +301,13 @@ class Coalescer:
         return sum(counts)
 
     def _spawn(self) -> None:
-        idle_runners = len(self.runners) - self.busy
-        if self.waiting and idle_runners <= 0 and len(self.runners) < self.max_connections:
+        """Start runners, up to the cap: one when every runner is busy, and more while the
+        messages waiting exceed :data:`MIN_SHARE` for each runner about to take some (a
+        new connection costs a few round trips: worth it only for enough messages)."""
+        while self.waiting and len(self.runners) < self.max_connections:
+            idle_runners = len(self.runners) - self.busy
+            if idle_runners > 0 and len(self.waiting) <= idle_runners * MIN_SHARE:
+                return
             task = asyncio.ensure_future(self._runner())
             self.runners.add(task)
             task.add_done_callback(self.runners.discard)
@@ -309,9 +317,10 @@ class Coalescer:
         backend: _Host | None = None
         try:
             while self.waiting:
-                run = [
-                    self.waiting.popleft() for _ in range(min(len(self.waiting), BATCH_MESSAGES))
-                ]
+                # An equal share for each runner about to take some (itself included).
+                idle_runners = max(1, len(self.runners) - self.busy)
+                share = min(-(-len(self.waiting) // idle_runners), BATCH_MESSAGES)
+                run = [self.waiting.popleft() for _ in range(share)]
                 backend = run[0].backend
                 self.busy += 1
                 finished: list[tuple[_Request, BaseException | None]] = []
@@ -445,6 +454,7 @@ def _coalescer(backend: _Host) -> Coalescer:
     coalescer = by_key.get(key)
     if coalescer is None:
         coalescer = by_key[key] = Coalescer(key)
+    coalescer.max_connections = backend.options.max_connections or DEFAULT_MAX_CONNECTIONS
     return coalescer
 
 

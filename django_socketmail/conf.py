@@ -145,7 +145,10 @@ OPTIONS: Final[dict[str, Option]] = {
         "bool", False, "Send again a message whose final reply was lost (same Message-ID)."
     ),
     "max_connections": Option(
-        "int | None", None, "Queued delivery: sessions open at once, across every worker."
+        "int | None",
+        None,
+        "Sessions open at once: queued delivery across every worker; coalesced async "
+        "sends per event loop (3 when unset).",
     ),
     "rate_limit": Option(
         "str | None", None, "Queued delivery: messages per period across every worker: '30/min'."

@@ -720,12 +720,11 @@ def test_concurrent_sends_coalesce_into_few_runs_within_the_connection_cap(
     monkeypatch.setattr(async_backend.AsyncSession, "send", counting)
     script = Script([greet(), respond({"RCPT": rcpt_refusing_nobody})])
     with HostileSMTPServer(script) as server:
-        backend = make(server, pool=True)
+        backend = make(server, pool=True, max_connections=cap)
         to = [["nobody@example.com"] if i % 5 == 4 else [f"r{i}@example.com"] for i in range(60)]
         msgs = [message(t, subject=f"n{i}") for i, t in enumerate(to)]
 
         async def main() -> list[Any]:
-            async_backend._coalescer(backend).max_connections = cap
             first = asyncio.ensure_future(backend.asend_messages(msgs[:1]))
             await asyncio.sleep(0.005)  # the first run is under way: the rest must wait
             rest = [backend.asend_messages([m]) for m in msgs[1:]]
@@ -749,6 +748,35 @@ def test_concurrent_sends_coalesce_into_few_runs_within_the_connection_cap(
     delivered = [m for c in server.connections for m in c.messages if b"Subject: n" in m]
     subjects = sorted(int(m.split(b"Subject: n")[1].split(b"\r\n")[0]) for m in delivered)
     assert subjects == [i for i in range(60) if i % 5 != 4]
+
+
+@pytest.mark.parametrize("cap", [1, 3])
+def test_a_burst_arriving_at_once_is_spread_over_the_connection_cap(
+    make: Any, cap: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """60 calls started together (one ``gather``), ``max_connections=cap``: the burst is
+    shared out over ``cap`` connections in runs of about equal size (it all went on one
+    connection, whatever the cap), each message delivered once."""
+    runs: list[int] = []
+    send = async_backend.AsyncSession.send
+
+    async def counting(self: Any, transactions: Any, *, stop_on_error: bool) -> Any:
+        runs.append(len(transactions))
+        return await send(self, transactions, stop_on_error=stop_on_error)
+
+    monkeypatch.setattr(async_backend.AsyncSession, "send", counting)
+    with HostileSMTPServer(Script([greet(), respond({})])) as server:
+        backend = make(server, pool=True, max_connections=cap)
+        msgs = [message([f"r{i}@example.com"], subject=f"n{i}") for i in range(60)]
+
+        async def main() -> list[Any]:
+            return await asyncio.gather(*(backend.asend_messages([m]) for m in msgs))
+
+        assert run(main()) == [1] * 60
+        assert server.wait_closed(count=len(server.connections))
+    assert len(server.connections) == cap
+    assert sorted(runs) == sorted([60 // cap] * cap)
+    assert [len(c.messages) for c in server.connections] == [60 // cap] * cap
 
 
 def test_coalesced_callers_each_hear_an_opening_failure(make: Any) -> None:

@@ -46,6 +46,7 @@ def email_settings(**values: Any) -> Iterator[None]:
 def test_the_boolean_options_are_known() -> None:
     assert BOOLEANS == [
         "allow_cleartext_auth",
+        "audit_background",
         "audit_log",
         "auth_require_channel_binding",
         "chunking",
