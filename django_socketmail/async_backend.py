@@ -38,11 +38,12 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Final, Protocol, cast
 
 from asgiref.sync import sync_to_async
+from django.views.decorators.debug import sensitive_variables
 
 from .audit import AuditRecorder
 from .pool import MAX_IDLE_PER_KEY
-from .session import SessionKey, _learn_no_dot_pipelining, learned_no_dot_pipelining
-from .smtp import RecipientStatus, SMTPClient, SocketMailError, Transcript
+from .session import SessionCore, SessionKey
+from .smtp import RecipientStatus, SocketMailError
 from .smtp.aio import AsyncSMTPClient, SendCancelledError
 from .smtp.driver import QUIT_TIMEOUT
 from .smtp.engine import Batch
@@ -73,34 +74,16 @@ async def flush_in_thread(recorder: Recorder) -> None:
     await sync_to_async(recorder.flush, thread_sensitive=False)()
 
 
-class AsyncSession:
+class AsyncSession(SessionCore):
     """A connection on the asyncio driver, its recorder and its error, from open to end."""
+
+    client: AsyncSMTPClient
 
     def __init__(
         self, options: BackendOptions, mailer: str, listeners: Iterable[Listener] = ()
     ) -> None:
-        self.key = SessionKey.of(options, mailer)
-        config = self.key.config
-        transcript = Transcript()
-        for listener in listeners:
-            transcript.subscribe(listener)
-        self.client = AsyncSMTPClient(
-            config,
-            transcript=transcript,
-            pipeline_after_dot=not learned_no_dot_pipelining(config.host, config.port),
-        )
-        # The recorder reads the client's transcript and info, which both drivers have.
-        self.recorder = AuditRecorder(options, mailer, cast("SMTPClient", self.client))
-        self.error: BaseException | None = None
-        """Why the session failed or broke (None while it is healthy)."""
+        super().__init__(options, mailer, listeners, AsyncSMTPClient)
         self.loop = asyncio.get_running_loop()
-        self.created = time.monotonic()
-        self.idle_since = self.created
-        self._pid = os.getpid()
-        self._ended = False
-
-    def __repr__(self) -> str:
-        return f"<AsyncSession {self.client!r}>"
 
     @property
     def is_open(self) -> bool:
@@ -109,6 +92,7 @@ class AsyncSession:
             self.client.is_connected and os.getpid() == self._pid and _running_loop() is self.loop
         )
 
+    @sensitive_variables()
     async def open(self) -> None:
         """Connect, TLS, AUTH; on failure (or cancellation) record the session and raise."""
         try:
@@ -124,28 +108,13 @@ class AsyncSession:
 
     async def send(self, transactions: Sequence[Transaction], *, stop_on_error: bool) -> Batch:
         """Send on this session; a broken connection becomes the session's error."""
+        self._before_send()
         try:
             batch = await self.client.send(transactions, stop_on_error=stop_on_error)
         except asyncio.CancelledError:
             self.error = self.error or SendCancelledError("cancelled while sending")
             raise
-        if batch.lost is not None and not self.client.is_connected:
-            self.error = self.error or batch.lost
-        if batch.lost_behind_dot:
-            config = self.key.config
-            _learn_no_dot_pipelining(config.host, config.port)
-        return batch
-
-    def usable(self, *, idle_timeout: float, max_age: float, max_messages: int, now: float) -> bool:
-        """Young, recently used, not worn out, healthy, and the server has not hung up."""
-        return (
-            self.error is None
-            and now - self.created < max_age
-            and now - self.idle_since < idle_timeout
-            and self.client.info.messages_sent < max_messages
-            and self.is_open
-            and not self.client.peer_has_spoken()
-        )
+        return self._after_send(batch)
 
     async def end(self, *, quit_budget: float = QUIT_TIMEOUT) -> None:
         """QUIT (within ``quit_budget`` seconds; none left, or another loop: just close),

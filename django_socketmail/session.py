@@ -14,9 +14,9 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, cast
 
 from django.views.decorators.debug import sensitive_variables
 
@@ -29,8 +29,15 @@ from .smtp.transcript import Listener
 
 if TYPE_CHECKING:
     from .conf import BackendOptions
+    from .smtp.aio import AsyncSMTPClient
 
-__all__ = ["Session", "SessionKey", "forget_no_dot_pipelining", "learned_no_dot_pipelining"]
+__all__ = [
+    "Session",
+    "SessionCore",
+    "SessionKey",
+    "forget_no_dot_pipelining",
+    "learned_no_dot_pipelining",
+]
 
 logger = logging.getLogger("django_socketmail")
 
@@ -88,23 +95,32 @@ def _learn_no_dot_pipelining(host: str, port: int) -> None:
     )
 
 
-class Session:
-    """A connection, its recorder and its error, from open to end."""
+class SessionCore:
+    """What a session is whichever driver moves its bytes: its key, recorder, error, age and
+    the send bookkeeping that does not wait (the sync :class:`Session` and the asyncio
+    :class:`~.async_backend.AsyncSession` add opening, sending and ending)."""
+
+    client: SMTPClient | AsyncSMTPClient
 
     def __init__(
-        self, options: BackendOptions, mailer: str, listeners: Iterable[Listener] = ()
+        self,
+        options: BackendOptions,
+        mailer: str,
+        listeners: Iterable[Listener],
+        driver: Callable[..., SMTPClient | AsyncSMTPClient],
     ) -> None:
         self.key = SessionKey.of(options, mailer)
         config = self.key.config
         transcript = Transcript()
         for listener in listeners:
             transcript.subscribe(listener)
-        self.client = SMTPClient(
+        self.client = driver(
             config,
             transcript=transcript,
             pipeline_after_dot=not learned_no_dot_pipelining(config.host, config.port),
         )
-        self.recorder = AuditRecorder(options, mailer, self.client)
+        # The recorder reads the client's transcript and info, which both drivers have.
+        self.recorder = AuditRecorder(options, mailer, cast("SMTPClient", self.client))
         self.error: BaseException | None = None
         """Why the session failed or broke (None while it is healthy)."""
         self.created = time.monotonic()
@@ -113,7 +129,51 @@ class Session:
         self._ended = False
 
     def __repr__(self) -> str:
-        return f"<Session {self.client!r}>"
+        return f"<{type(self).__name__} {self.client!r}>"
+
+    def _before_send(self) -> None:
+        """Take a lesson learned since this session opened (by another session of the
+        process): no pipelining behind the final dot on this server."""
+        config = self.key.config
+        if learned_no_dot_pipelining(config.host, config.port):
+            self.client.engine.pipeline_after_dot = False
+
+    def _after_send(self, batch: Batch) -> Batch:
+        """A broken connection becomes the session's error; a server that dropped what was
+        pipelined behind a dot is learned for the process."""
+        if batch.lost is not None and not self.client.is_connected:
+            self.error = self.error or batch.lost
+        if batch.lost_behind_dot:
+            config = self.key.config
+            _learn_no_dot_pipelining(config.host, config.port)
+        return batch
+
+    def usable(self, *, idle_timeout: float, max_age: float, max_messages: int, now: float) -> bool:
+        """Young, recently used, not worn out, healthy, and the server has not hung up (EOF
+        or an unsolicited reply waiting, seen without a round trip)."""
+        return (
+            self.error is None
+            and now - self.created < max_age
+            and now - self.idle_since < idle_timeout
+            and self.client.info.messages_sent < max_messages
+            and self.is_open
+            and not self.client.peer_has_spoken()
+        )
+
+    @property
+    def is_open(self) -> bool:
+        raise NotImplementedError
+
+
+class Session(SessionCore):
+    """A connection on the blocking driver, its recorder and its error, from open to end."""
+
+    client: SMTPClient
+
+    def __init__(
+        self, options: BackendOptions, mailer: str, listeners: Iterable[Listener] = ()
+    ) -> None:
+        super().__init__(options, mailer, listeners, SMTPClient)
 
     @property
     def is_open(self) -> bool:
@@ -133,28 +193,8 @@ class Session:
 
     def send(self, transactions: Sequence[Transaction], *, stop_on_error: bool) -> Batch:
         """Send on this session; a broken connection becomes the session's error."""
-        config = self.key.config
-        if learned_no_dot_pipelining(config.host, config.port):
-            # Learned since this session opened (by another session of the process).
-            self.client.engine.pipeline_after_dot = False
-        batch = self.client.send(transactions, stop_on_error=stop_on_error)
-        if batch.lost is not None and not self.client.is_connected:
-            self.error = self.error or batch.lost
-        if batch.lost_behind_dot:
-            _learn_no_dot_pipelining(config.host, config.port)
-        return batch
-
-    def usable(self, *, idle_timeout: float, max_age: float, max_messages: int, now: float) -> bool:
-        """Young, recently used, not worn out, healthy, and the server has not hung up (EOF
-        or an unsolicited reply waiting, seen without a round trip)."""
-        return (
-            self.error is None
-            and now - self.created < max_age
-            and now - self.idle_since < idle_timeout
-            and self.client.info.messages_sent < max_messages
-            and self.is_open
-            and not self.client.peer_has_spoken()
-        )
+        self._before_send()
+        return self._after_send(self.client.send(transactions, stop_on_error=stop_on_error))
 
     def end(self, *, quit_budget: float = QUIT_TIMEOUT) -> None:
         """QUIT (within ``quit_budget`` seconds; none left: just close), then write the

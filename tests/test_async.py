@@ -859,3 +859,39 @@ def test_a_token_provider_does_not_hold_the_event_loop() -> None:
         return ticks
 
     assert asyncio.run(main()) >= 10
+
+
+@pytest.mark.parametrize("api", APIS)
+def test_an_open_session_stops_pipelining_behind_the_dot_once_another_learned_it(
+    api: str, make: Any, plain_server: LocalSMTPServer
+) -> None:
+    """A server that drops what is pipelined behind a final dot is learned once per process
+    (by whichever session hit it); a session already open takes the lesson at its next send,
+    whichever driver it uses (the async session kept pipelining)."""
+    from django_socketmail import session as session_module
+
+    backend = make(plain_server, pool=False)
+    session_module.forget_no_dot_pipelining()
+    try:
+
+        async def async_case() -> bool:
+            async with backend:
+                session = backend.async_session
+                assert session.client.engine.pipeline_after_dot
+                session_module._learn_no_dot_pipelining(plain_server.host, plain_server.port)
+                await backend.asend_messages([message()])
+                return bool(session.client.engine.pipeline_after_dot)
+
+        if api == "async":
+            still_pipelining = run(async_case())
+        else:
+            backend.open()
+            session = backend.session
+            assert session.client.engine.pipeline_after_dot
+            session_module._learn_no_dot_pipelining(plain_server.host, plain_server.port)
+            backend.send_messages([message()])
+            still_pipelining = bool(session.client.engine.pipeline_after_dot)
+            backend.close()
+        assert not still_pipelining
+    finally:
+        session_module.forget_no_dot_pipelining()
