@@ -52,6 +52,7 @@ class SessionKey:
     audit_log: bool
     audit_database: str | None
     audit_body_bytes: int
+    audit_background: bool
 
     @classmethod
     def of(cls, options: BackendOptions, mailer: str) -> SessionKey:
@@ -61,6 +62,7 @@ class SessionKey:
             options.audit_log,
             options.audit_database,
             options.audit_body_bytes,
+            options.audit_background,
         )
 
 

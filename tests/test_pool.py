@@ -151,3 +151,15 @@ def test_the_audit_log_follows_each_borrowers_options() -> None:
         assert len(server.connections) == 2
         assert MessageLog.objects.count() == 2
         assert SessionLog.objects.count() == 1
+
+
+def test_a_borrower_with_the_other_audit_background_gets_its_own_session() -> None:
+    """``audit_background`` is part of a pooled session's key: a borrower never has its rows
+    written the other way (in the writer thread, or inline) by another's recorder."""
+    with HostileSMTPServer(standard_session()) as server:
+        for background in (False, True, False, True):
+            backend = pooled(server, audit_log=True, audit_background=background)
+            assert backend.send_messages([message()]) == 1
+            assert backend.last_session is not None
+            assert backend.last_session.recorder.options.audit_background is background
+        assert len(server.connections) == 2
