@@ -38,6 +38,7 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Final, Protocol, cast
 
 from asgiref.sync import sync_to_async
+from django.db import close_old_connections
 from django.views.decorators.debug import sensitive_variables
 
 from .audit import AuditRecorder
@@ -70,8 +71,17 @@ BATCH_MESSAGES: Final = 500
 async def flush_in_thread(recorder: Recorder) -> None:
     """``recorder.flush()`` in a worker thread (never raises, like the flush itself): the
     loop goes on meanwhile.  The thread writes with its own database connection, outside
-    any atomic block of the caller's, so the rows survive the caller's rollback."""
-    await sync_to_async(recorder.flush, thread_sensitive=False)()
+    any atomic block of the caller's, so the rows survive the caller's rollback; after
+    the write that connection is closed unless ``CONN_MAX_AGE`` keeps it (as Django does
+    at the end of a request), so executor threads do not each hold one for good."""
+    await sync_to_async(_flush_then_tidy, thread_sensitive=False)(recorder)
+
+
+def _flush_then_tidy(recorder: Recorder) -> None:
+    try:
+        recorder.flush()
+    finally:
+        close_old_connections()
 
 
 class AsyncSession(SessionCore):
