@@ -114,7 +114,8 @@ def _body(size: int = 2048) -> str:
     import random
 
     pick = random.Random(20261203)
-    text, line = [], ""
+    text: list[str] = []
+    line = ""
     while sum(len(x) + 1 for x in text) < size:
         word = "".join(pick.choice("etaoinshrdlcumwfgypbvk") for _ in range(pick.randint(1, 9)))
         if len(line) + len(word) >= 70:
@@ -180,7 +181,7 @@ def child_stats(contender: str) -> dict[str, Any]:
             "audit rows": MessageLog.objects.count(),
         }
     if contender == "post-office":
-        from post_office.models import STATUS, Email, Log
+        from post_office.models import STATUS, Email, Log  # type: ignore[import-untyped]
 
         names = dict(zip(STATUS, STATUS._fields, strict=True))
         rows = Email.objects.values_list("status").annotate(n=Count("pk"))
@@ -188,9 +189,10 @@ def child_stats(contender: str) -> dict[str, Any]:
             "status": {names.get(s, str(s)): n for s, n in rows},
             "log rows": Log.objects.count(),
         }
-    from mailer.models import Message, MessageLog
+    from mailer.models import Message  # type: ignore[import-untyped]
+    from mailer.models import MessageLog as MailerLog
 
-    logs = MessageLog.objects.values_list("result").annotate(n=Count("pk"))
+    logs = MailerLog.objects.values_list("result").annotate(n=Count("pk"))
     return {"left in queue": Message.objects.count(), "log": {str(r): n for r, n in logs}}
 
 
@@ -618,8 +620,8 @@ def plan(args: argparse.Namespace) -> list[Case]:
                             options = {} if n == 1 else {"MAILER_USE_FILE_LOCK": False}
                             cases.append(Case("mailer", f"mailer x{n}", count, kind, n, options))
         if args.rate_messages and kind == "plain":  # after the plain cases
-            options = {"rate_limit": "600/min"}
-            rate = Case("ours", "ours 600-min", args.rate_messages, "plain", 4, options, True)
+            limit: dict[str, Any] = {"rate_limit": "600/min"}
+            rate = Case("ours", "ours 600-min", args.rate_messages, "plain", 4, limit, True)
             cases.append(rate)
     return cases
 
