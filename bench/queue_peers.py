@@ -49,7 +49,12 @@ and the contender's own account of the outcome.
 ``--rate-messages N`` adds a case for ours with ``rate_limit="600/min"`` (4 workers): the
 measured rate over the whole run (first to last arrival) and the most arrivals in any
 10 s window (at most 100 for the limit to hold).  ``--submission`` adds the same cases
-on the submission port (STARTTLS + AUTH via Dovecot).
+on the submission port (STARTTLS + AUTH via Dovecot).  ``--rounds N`` repeats ours and
+post-office at the smallest size (each round the other goes first; the ratio of each round
+and their median are reported).  ``--live`` adds ours with the workers started 3 s before
+the enqueue (the clock runs from the enqueue's start); ``--fan-out`` adds ours with 3 more
+delivery tasks enqueued after the backlog (``deliver.enqueue("")``: 4 runs, as a fan-out
+to ``max_connections`` would make); ``--profile DIR`` runs our workers under cProfile.
 
 Bounded: every case has a deadline (``--case-timeout``, scaled with the message count),
 no case starts after ``--budget`` minutes, every child is stopped by its pid (SIGTERM,
