@@ -11,7 +11,6 @@ the async API has, is tested at several points of a send.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import logging
 import os
@@ -811,54 +810,6 @@ def test_a_failing_run_never_leaves_its_callers_waiting(
 
         outcomes = run(main())
     assert [type(o) for o in outcomes] == [RuntimeError] * 3
-
-
-def test_a_token_provider_does_not_hold_the_event_loop() -> None:
-    """The provider's (HTTP) request runs in a thread before connecting: the loop keeps
-    turning meanwhile."""
-    import socket as socket_module
-    import time as time_module
-
-    from django_socketmail.smtp import ConnectionFailedError
-    from django_socketmail.smtp.aio import AsyncSMTPClient
-    from django_socketmail.smtp.config import ClientConfig, TLSMode
-    from django_socketmail.smtp.secret import Secret
-
-    class SlowSource:
-        def token(self, username: str, *, timeout: float, rejected: object = None) -> Secret[str]:
-            time_module.sleep(0.3)
-            return Secret("a-token")
-
-    with socket_module.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        closed_port = probe.getsockname()[1]
-    config = ClientConfig(
-        host="127.0.0.1",
-        port=closed_port,
-        tls=TLSMode.STARTTLS,
-        username="me@example.com",
-        token_provider=SlowSource(),  # type: ignore[arg-type]
-        timeout=2,
-    )
-
-    async def main() -> int:
-        ticks = 0
-
-        async def ticker() -> None:
-            nonlocal ticks
-            while True:
-                await asyncio.sleep(0.01)
-                ticks += 1
-
-        ticking = asyncio.create_task(ticker())
-        with pytest.raises(ConnectionFailedError):
-            await AsyncSMTPClient(config).connect()
-        ticking.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await ticking
-        return ticks
-
-    assert asyncio.run(main()) >= 10
 
 
 @pytest.mark.parametrize("api", APIS)

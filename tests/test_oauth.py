@@ -1044,3 +1044,63 @@ def test_microsoft_providers_reach_the_network_only_when_a_token_is_asked_for(
         with pytest.raises(TokenProviderError, match="not reachable: ConnectionError"):
             provider("mailer@contoso.example")
     assert made == ["app", "user-app"]
+
+
+def test_the_token_provider_does_not_hold_the_event_loop(
+    server_tls: ssl.SSLContext, ca_file: str
+) -> None:
+    """The async driver asks the provider in a thread, for the first token and for a newer
+    one after a 535 (a sans-I/O request of the engine, not a call inside the reply's
+    handling on the loop), so the loop keeps turning during the provider's (HTTP)
+    requests; the refresh used to run on the loop."""
+    import asyncio
+    import contextlib
+
+    from django_socketmail.smtp.aio import AsyncSMTPClient
+
+    provider = Provider(["expired-token", "good-token"], delay=0.4)
+    rule = oauth_auth({"good-token"})
+    with HostileSMTPServer(
+        [standard_session({"AUTH": rule}, extensions=("AUTH XOAUTH2",))]
+    ) as server:
+        server.tokens_seen = []  # type: ignore[attr-defined]
+        config = _Config(
+            host=server.host,
+            port=server.port,
+            tls=TLSMode.NONE,
+            timeout=3.0,
+            username=USER,
+            local_hostname="client.example",
+            allow_cleartext_auth=True,
+            token_provider=TokenCache(provider),
+        )
+
+        async def main() -> tuple[int, float]:
+            gaps: list[float] = []
+
+            async def ticker() -> None:
+                loop = asyncio.get_running_loop()
+                last = loop.time()
+                while True:
+                    await asyncio.sleep(0.01)
+                    now = loop.time()
+                    gaps.append(now - last)
+                    last = now
+
+            ticking = asyncio.create_task(ticker())
+            client = AsyncSMTPClient(config)
+            try:
+                await client.connect()
+                await client.quit()
+            finally:
+                client.close()
+                ticking.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await ticking
+            return len(gaps), max(gaps)
+
+        ticks, longest = asyncio.run(main())
+    assert provider.calls == [(USER, False), (USER, True)]
+    assert server.tokens_seen == ["expired-token", "good-token"]  # type: ignore[attr-defined]
+    assert longest < 0.2, f"the loop stood still for {longest:.2f} s"
+    assert ticks >= 40

@@ -1,5 +1,6 @@
 """What the engine asks a driver to do (:class:`Write`, :data:`RECEIVE`, :data:`START_TLS`,
-:class:`Settled`, :data:`CLOSE`, :data:`DONE`), and what a batch did (:class:`Batch`)."""
+:class:`FetchToken`, :class:`Settled`, :data:`CLOSE`, :data:`DONE`), and what a batch did
+(:class:`Batch`)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,21 @@ from typing import Final
 
 from .errors import SocketMailError
 from .result import SendResult
+from .secret import Secret
 from .transaction import Transaction
 
-__all__ = ["CLOSE", "DONE", "RECEIVE", "START_TLS", "Action", "Batch", "Settled", "Signal", "Write"]
+__all__ = [
+    "CLOSE",
+    "DONE",
+    "RECEIVE",
+    "START_TLS",
+    "Action",
+    "Batch",
+    "FetchToken",
+    "Settled",
+    "Signal",
+    "Write",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +45,16 @@ class Settled:
     results: tuple[SendResult, ...]
 
 
+@dataclass(frozen=True, slots=True)
+class FetchToken:
+    """Ask the configuration's ``token_provider`` for an OAuth 2.0 token (``rejected``: the
+    one the server just refused, so that the provider fetches a newer one), then report it
+    with ``Engine.token_fetched`` or the provider's exception with ``Engine.token_failed``.
+    A request of its own, so that an asyncio driver can run the provider in a thread."""
+
+    rejected: Secret[str] | None = field(default=None, repr=False)
+
+
 class Signal(enum.Enum):
     RECEIVE = "receive"
     START_TLS = "start TLS"
@@ -44,7 +67,7 @@ START_TLS: Final = Signal.START_TLS
 CLOSE: Final = Signal.CLOSE
 DONE: Final = Signal.DONE
 
-Action = Write | Settled | Signal
+Action = Write | Settled | FetchToken | Signal
 
 
 @dataclass(slots=True)

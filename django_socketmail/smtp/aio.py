@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import os
 import socket
 import ssl
@@ -34,7 +33,7 @@ from typing import Any, Final, TypeVar, cast
 
 from .config import ClientConfig, TLSMode
 from .driver import CHUNK, QUIT_TIMEOUT, DriverBase, chunks
-from .engine import CLOSE, DONE, RECEIVE, START_TLS, Batch, Settled, Write
+from .engine import CLOSE, DONE, RECEIVE, START_TLS, Batch, FetchToken, Settled, Write
 from .errors import (
     LocalProtocolError,
     ServerDisconnected,
@@ -202,17 +201,11 @@ class AsyncSMTPClient(DriverBase):
 
     async def connect(self) -> None:
         """Connect, then greeting, EHLO, STARTTLS and AUTH as configured.  With a
-        ``token_provider``, the token is fetched first in a thread, so that a provider's
-        HTTP request does not hold the event loop (a refresh after the server refused the
-        token still runs on it, within ``timeout``)."""
+        ``token_provider``, each token (the first, and a newer one after the server refused
+        it) is fetched in a thread, so that a provider's HTTP request does not hold the
+        event loop."""
         if self._sock is not None or self._stream is not None:
             raise LocalProtocolError("already connected")
-        source = self.config.token_provider
-        if source is not None and self.config.username:
-            fetch = functools.partial(
-                source.token, self.config.username, timeout=self.config.timeout
-            )
-            await asyncio.get_running_loop().run_in_executor(None, fetch)
         try:
             await self._open_socket()
             self.engine.open(await self._local_hostname())
@@ -469,12 +462,23 @@ class AsyncSMTPClient(DriverBase):
                     await self._receive()
                 elif action is START_TLS:
                     await self._handshake()
+                elif isinstance(action, FetchToken):
+                    await self._fetch_token(action)
                 elif action is CLOSE:
                     self.close()
                 elif action is DONE:
                     return
         finally:
             self._cap = float("inf")
+
+    async def _fetch_token(self, action: FetchToken) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            token = await loop.run_in_executor(None, self._token_call(action))
+        except Exception as error:  # the opening fails with it, from next_action()
+            self.engine.token_failed(error)
+        else:
+            self.engine.token_fetched(token)
 
     def _now(self) -> float:
         return asyncio.get_running_loop().time()

@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 
 from .config import DEFAULT_TIMEOUT, ClientConfig, SessionInfo, TLSMode
 from .driver import CHUNK, QUIT_TIMEOUT, RECV_SIZE, DriverBase, chunks
-from .engine import CLOSE, DONE, RECEIVE, START_TLS, Batch, Settled, Write
+from .engine import CLOSE, DONE, RECEIVE, START_TLS, Batch, FetchToken, Settled, Write
 from .errors import (
     LocalProtocolError,
     ServerDisconnected,
@@ -231,6 +231,8 @@ class SMTPClient(DriverBase):
                     self._receive()
                 elif action is START_TLS:
                     self._handshake()
+                elif isinstance(action, FetchToken):
+                    self._token_done(self._token_call(action))
                 elif action is CLOSE:
                     self.close()
                 elif action is DONE:

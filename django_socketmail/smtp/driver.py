@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Final
 
-from .actions import Settled, Write
+from .actions import FetchToken, Settled, Write
 from .config import ClientConfig, SessionInfo
 from .content import Content
 from .delivery import DeliveryOptions
 from .engine import Engine
 from .protocol import SMTPConnection
+from .secret import Secret
 from .transaction import Transaction
 from .transcript import Transcript
 
@@ -72,6 +73,28 @@ class DriverBase:
     ) -> Transaction:
         """Check one message against the session; see :meth:`.engine.Engine.prepare`."""
         return self.engine.prepare(mail_from, recipients, message, delivery)
+
+    def _token_call(self, action: FetchToken) -> Callable[[], Secret[str]]:
+        """The provider's call that answers ``action`` (the blocking driver makes it in
+        place, the asyncio driver in a thread); report with :meth:`_token_done`."""
+        source, username = self.config.token_provider, self.config.username
+        assert source is not None, "FetchToken without token_provider"
+        assert username, "FetchToken without a username"
+        timeout = self.config.timeout
+
+        def call() -> Secret[str]:
+            return source.token(username, timeout=timeout, rejected=action.rejected)
+
+        return call
+
+    def _token_done(self, call: Callable[[], Secret[str]]) -> None:
+        """Report to the engine what ``call`` gave: the token, or the provider's error."""
+        try:
+            token = call()
+        except Exception as error:  # the opening fails with it, from next_action()
+            self.engine.token_failed(error)
+        else:
+            self.engine.token_fetched(token)
 
     # -- the clock: each driver says what "now" is --------------------------------------
 

@@ -30,7 +30,18 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Final
 
-from .actions import CLOSE, DONE, RECEIVE, START_TLS, Action, Batch, Settled, Signal, Write
+from .actions import (
+    CLOSE,
+    DONE,
+    RECEIVE,
+    START_TLS,
+    Action,
+    Batch,
+    FetchToken,
+    Settled,
+    Signal,
+    Write,
+)
 from .commands import Quit
 from .config import ClientConfig, SessionInfo
 from .content import Content
@@ -48,6 +59,7 @@ from .policies import Policies
 from .protocol import NEED_DATA, ReplyReceived, SMTPConnection
 from .reply import Reply, SMTPStatus
 from .result import RecipientStatus, SendResult, SendStatus
+from .secret import Secret
 from .transaction import (
     Kind,
     Stage,
@@ -68,6 +80,7 @@ __all__ = [
     "Action",
     "Batch",
     "Engine",
+    "FetchToken",
     "Phase",
     "Settled",
     "Signal",
@@ -196,6 +209,18 @@ class Engine(Policies):
         for _end, tx in self._writing or ():
             tx.content_written = True
         self._writing = None
+
+    def token_fetched(self, token: Secret[str]) -> None:
+        """The token a :class:`FetchToken` asked for."""
+        if self._opening is None:
+            raise LocalProtocolError("no token was asked for")
+        self._opening.token_fetched(token)
+
+    def token_failed(self, error: BaseException) -> None:
+        """The token provider raised ``error`` instead: the opening fails with it."""
+        if self._opening is None:
+            raise LocalProtocolError("no token was asked for")
+        self._opening.token_failed(error)
 
     def tls_established(
         self,

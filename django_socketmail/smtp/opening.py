@@ -38,7 +38,7 @@ import enum
 from collections import deque
 from typing import Final
 
-from .actions import DONE, RECEIVE, START_TLS, Signal
+from .actions import DONE, RECEIVE, START_TLS, FetchToken, Signal
 from .commands import Auth, AuthCancel, AuthResponse, Command, Ehlo, Helo, StartTLS
 from .config import ClientConfig, SessionInfo, TLSMode
 from .errors import (
@@ -99,6 +99,10 @@ class Opening:
         self._last_unavailable: Reply | None = None
         self._token: Secret[str] | None = None
         self._token_retried = False
+        self._token_wanted: tuple[str, Secret[str] | None] | None = None
+        """(mechanism, rejected token) while a token is asked of the driver."""
+        self._token_asked = False
+        self._token_error: BaseException | None = None
         self._cancel_reason = ""
 
     def tls_established(self, certificate: bytes | None = None) -> None:
@@ -110,9 +114,9 @@ class Opening:
         if self._step is _Step.HANDSHAKING:
             self._hello()
 
-    def step(self) -> Signal | None:
-        """Handle what has arrived; return RECEIVE, START_TLS or DONE, or None once writes
-        are queued."""
+    def step(self) -> Signal | FetchToken | None:
+        """Handle what has arrived; return RECEIVE, START_TLS, a FetchToken or DONE, or None
+        once writes are queued."""
         if self._step is _Step.DONE:
             return DONE
         if self._step is _Step.HANDSHAKE:
@@ -120,6 +124,14 @@ class Opening:
             return START_TLS
         if self._step is _Step.HANDSHAKING:
             raise LocalProtocolError("the TLS handshake was not reported (tls_established)")
+        if self._token_error is not None:
+            error, self._token_error = self._token_error, None
+            raise error
+        if self._token_wanted is not None:
+            if self._token_asked:
+                raise LocalProtocolError("the token was not reported (token_fetched)")
+            self._token_asked = True
+            return FetchToken(self._token_wanted[1])
         event = self._conn.next_event()
         if event is NEED_DATA:
             return RECEIVE
@@ -269,18 +281,25 @@ class Opening:
     def _next_mechanism(self) -> None:
         name = self._candidates.popleft()
         if MECHANISMS[name].uses_token:
-            self._start(name, self._fetch_token(rejected=None))
+            self._token_wanted = (name, None)
         else:
             assert self._config.password
             self._start(name, self._config.password)
 
-    def _fetch_token(self, rejected: Secret[str] | None) -> Secret[str]:
-        source = self._token_source()
-        assert source is not None
-        assert self._config.username
-        token = source.token(self._config.username, timeout=self._config.timeout, rejected=rejected)
+    def token_fetched(self, token: Secret[str]) -> None:
+        """The driver's answer to :class:`FetchToken`: AUTH with it."""
+        if self._token_wanted is None or not self._token_asked:
+            raise LocalProtocolError("no token was asked for")
+        (name, _), self._token_wanted, self._token_asked = self._token_wanted, None, False
         self._token = token
-        return token
+        self._start(name, token)
+
+    def token_failed(self, error: BaseException) -> None:
+        """The provider raised instead: the opening fails with ``error``."""
+        if self._token_wanted is None or not self._token_asked:
+            raise LocalProtocolError("no token was asked for")
+        self._token_wanted, self._token_asked = None, False
+        self._token_error = error
 
     def _start(self, name: str, secret: Secret[str]) -> None:
         """Send ``AUTH name`` for the password or token ``secret``."""
@@ -350,7 +369,7 @@ class Opening:
                 + (f" ({said})" if said else "")
                 + "; asking the token provider for a new one and trying AUTH once more"
             )
-            self._start(mechanism.name, self._fetch_token(rejected=self._token))
+            self._token_wanted = (mechanism.name, self._token)
             return
         note = "the OAuth token was refused" + (f" ({said})" if said else "")
         if self._token_retried:
