@@ -114,22 +114,6 @@ MESSAGE_ID: Final = re.compile(
 DOMAIN = {"ours": "ours", "post-office": "postoffice", "mailer": "mailer"}
 
 
-def _body(size: int = 2048) -> str:
-    """``size`` characters of pseudo-random words in lines of about 70 (as bench/queue_cost.py)."""
-    import random
-
-    pick = random.Random(20261203)
-    text: list[str] = []
-    line = ""
-    while sum(len(x) + 1 for x in text) < size:
-        word = "".join(pick.choice("etaoinshrdlcumwfgypbvk") for _ in range(pick.randint(1, 9)))
-        if len(line) + len(word) >= 70:
-            text.append(line)
-            line = ""
-        line = f"{line} {word}" if line else word
-    return ("\n".join(text) + "\n")[:size]
-
-
 # -- the children ----------------------------------------------------------------------------
 # ``python bench/queue_peers.py --child enqueue|stats ...`` with DJANGO_SETTINGS_MODULE set.
 
@@ -142,7 +126,9 @@ def child_enqueue(count: int, case: str, domain: str, extra_runs: int = 0) -> di
     from django.core.mail import EmailMessage, get_connection
     from django.db import transaction
 
-    body = _body()
+    from bench.queue_cost import _body
+
+    body = _body(2048)
     sender = f"{domain}@example.test"
     started = time.perf_counter()
     stored = 0
