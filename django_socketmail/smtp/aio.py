@@ -473,12 +473,8 @@ class AsyncSMTPClient(DriverBase):
 
     async def _fetch_token(self, action: FetchToken) -> None:
         loop = asyncio.get_running_loop()
-        try:
-            token = await loop.run_in_executor(None, self._token_call(action))
-        except Exception as error:  # the opening fails with it, from next_action()
-            self.engine.token_failed(error)
-        else:
-            self.engine.token_fetched(token)
+        report = await loop.run_in_executor(None, self._ask_provider, action)
+        report()
 
     def _now(self) -> float:
         return asyncio.get_running_loop().time()

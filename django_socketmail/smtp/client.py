@@ -232,7 +232,7 @@ class SMTPClient(DriverBase):
                 elif action is START_TLS:
                     self._handshake()
                 elif isinstance(action, FetchToken):
-                    self._token_done(self._token_call(action))
+                    self._ask_provider(action)()
                 elif action is CLOSE:
                     self.close()
                 elif action is DONE:

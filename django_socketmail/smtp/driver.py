@@ -3,6 +3,7 @@ bookkeeping of their clock.  No I/O here; each driver moves the bytes its own wa
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -14,7 +15,6 @@ from .content import Content
 from .delivery import DeliveryOptions
 from .engine import Engine
 from .protocol import SMTPConnection
-from .secret import Secret
 from .transaction import Transaction
 from .transcript import Transcript
 
@@ -74,27 +74,18 @@ class DriverBase:
         """Check one message against the session; see :meth:`.engine.Engine.prepare`."""
         return self.engine.prepare(mail_from, recipients, message, delivery)
 
-    def _token_call(self, action: FetchToken) -> Callable[[], Secret[str]]:
-        """The provider's call that answers ``action`` (the blocking driver makes it in
-        place, the asyncio driver in a thread); report with :meth:`_token_done`."""
+    def _ask_provider(self, action: FetchToken) -> Callable[[], None]:
+        """Answer ``action`` with the provider's call (blocking: the asyncio driver makes it
+        in a thread); return how to tell the engine, which the caller does on its own
+        thread: the token, or the provider's error (the opening fails with it)."""
         source, username = self.config.token_provider, self.config.username
         assert source is not None, "FetchToken without token_provider"
         assert username, "FetchToken without a username"
-        timeout = self.config.timeout
-
-        def call() -> Secret[str]:
-            return source.token(username, timeout=timeout, rejected=action.rejected)
-
-        return call
-
-    def _token_done(self, call: Callable[[], Secret[str]]) -> None:
-        """Report to the engine what ``call`` gave: the token, or the provider's error."""
         try:
-            token = call()
-        except Exception as error:  # the opening fails with it, from next_action()
-            self.engine.token_failed(error)
-        else:
-            self.engine.token_fetched(token)
+            token = source.token(username, timeout=self.config.timeout, rejected=action.rejected)
+        except Exception as error:
+            return functools.partial(self.engine.token_failed, error)
+        return functools.partial(self.engine.token_fetched, token)
 
     # -- the clock: each driver says what "now" is --------------------------------------
 
