@@ -22,13 +22,15 @@ demo: $(BIN)/.installed
 ## test: lint, type-check and run the whole suite (real Postfix + Dovecot when installed)
 test: lint pytest
 
+# Caches live in the virtualenv: CI runs two of them at once in one checkout (a shared
+# .mypy_cache crashed mypy there).
 lint: $(BIN)/.installed
-	$(BIN)/ruff check .
-	$(BIN)/ruff format --check .
-	$(BIN)/mypy django_socketmail
+	$(BIN)/ruff check --cache-dir "$(VENV)/.ruff_cache" .
+	$(BIN)/ruff format --cache-dir "$(VENV)/.ruff_cache" --check .
+	$(BIN)/mypy --cache-dir "$(VENV)/.mypy_cache" django_socketmail
 
 pytest: $(BIN)/.installed
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -o cache_dir="$(VENV)/.pytest_cache"
 
 ## interop: only the suite against a real Postfix + Dovecot
 interop: $(BIN)/.installed
