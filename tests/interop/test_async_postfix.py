@@ -146,7 +146,9 @@ def test_a_thousand_concurrent_sends_coalesce_within_the_cap(maildir_clean: Post
         assert result.status is SendStatus.SENT, result
         assert result.queue_id, result
         results[msg.extra_headers["Message-ID"]] = result
-    assert len({r.queue_id for r in results.values()}) == CALLERS
+    # (Not "every queue id differs": Postfix's short queue ids, its default, may repeat
+    # once a message has left the queue -- seen once in 1,000 here.  Below, each result's
+    # queue id is checked against the one Postfix wrote into that very message.)
 
     # Delivered exactly once each: the Maildir against what was sent.
     rig.wait_for_messages(CALLERS, timeout=60)
