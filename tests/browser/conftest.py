@@ -94,6 +94,8 @@ def admin_browser(browser: WebDriver, live_server: Any) -> WebDriver:
     login form."""
     from django.contrib.auth.models import User
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
 
     User.objects.create_superuser("admin", "admin@example.com", PASSWORD)
     browser.delete_all_cookies()
@@ -102,5 +104,10 @@ def admin_browser(browser: WebDriver, live_server: Any) -> WebDriver:
     browser.find_element(By.NAME, "username").send_keys("admin")
     browser.find_element(By.NAME, "password").send_keys(PASSWORD)
     browser.find_element(By.CSS_SELECTOR, "input[type=submit]").click()
-    assert browser.find_element(By.ID, "user-tools").text.upper().startswith("WELCOME")
+    # The click only starts the navigation: wait for the admin's page (a loaded machine, as
+    # CI running two legs at once, took longer than an immediate look).
+    tools = WebDriverWait(browser, 30).until(
+        expected_conditions.presence_of_element_located((By.ID, "user-tools"))
+    )
+    assert tools.text.upper().startswith("WELCOME")
     return browser
