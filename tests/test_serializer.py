@@ -810,6 +810,7 @@ def test_the_internals_are_found_on_the_versions_checked() -> None:
     internals = serializer_module.INTERNALS
     assert internals.builders, "Django's builder methods are the ones checked"
     assert internals.header_classes
+    assert internals.fast_fold
     assert internals.encode_text is email.contentmanager._encode_text  # type: ignore[attr-defined]
 
 
@@ -849,7 +850,9 @@ def test_encode_text_changed_after_the_probe(drift: pytest.MonkeyPatch) -> None:
     drift.setattr(
         serializer_module,
         "INTERNALS",
-        type(internals)(encode_text, internals.header_classes, internals.builders),
+        type(internals)(
+            encode_text, internals.header_classes, internals.builders, internals.fast_fold
+        ),
     )
     assert_djangos_bytes(serializer_module)
 
@@ -932,3 +935,76 @@ def test_a_builder_missing(drift: pytest.MonkeyPatch) -> None:
     expected = reference(message)
     random.seed(SEED)
     assert b"".join(module.serialize_parts(message, lazy_threshold=0)) == expected
+
+
+# -- compat32 headers written directly (Django 5.2) ---------------------------------------
+
+HEADER_TEXT = st.lists(
+    st.sampled_from([*string.printable, " ", " ", " ", "word", "\t", "é", "=?", "\r\n"]),
+    max_size=90,
+).map("".join)
+
+
+def fold(policy: email.policy.Policy, name: str, value: str) -> bytes | str:
+    """The folded header, or the name of the error folding it raised."""
+    try:
+        return policy.clone(linesep="\r\n").fold_binary(name, value)
+    except Exception as error:  # the stock policy refuses some values: so must ours
+        return type(error).__name__
+
+
+FOLD_NAMES = ("Subject", "To", "Message-ID", "X-Mailer", "X-A-Rather-Long-Name")
+
+
+@SETTINGS
+@given(name=st.sampled_from(FOLD_NAMES), value=HEADER_TEXT)
+def test_fast_fold_writes_what_compat32_writes(name: str, value: str) -> None:
+    fast = serializer_module._FastFold()
+    assert fold(fast, name, value) == fold(email.policy.compat32, name, value)
+
+
+@pytest.mark.parametrize("name", FOLD_NAMES)
+def test_fast_fold_at_the_line_length(name: str) -> None:
+    # Every length around where compat32 starts folding (78 characters with the name).
+    fast = serializer_module._FastFold()
+    for length in range(50, 90):
+        for value in ("w" * length, ("w " * length)[:length]):
+            assert fold(fast, name, value) == fold(email.policy.compat32, name, value), length
+
+
+def test_fast_fold_writes_the_plain_headers_itself(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The fast path is taken (else the test above would compare the stock fold with itself).
+    calls: list[str] = []
+    stock = email.policy.Compat32.fold_binary
+
+    def counted(self: Any, name: str, value: Any) -> bytes:
+        calls.append(name)
+        return stock(self, name, value)
+
+    monkeypatch.setattr(email.policy.Compat32, "fold_binary", counted)
+    policy = serializer_module._FastFold(linesep="\r\n")
+    assert policy.fold_binary("Subject", "Your order") == b"Subject: Your order\r\n"
+    assert policy.fold_binary("X-Tab", "a\tb") == b"X-Tab: a\tb\r\n"
+    assert calls == ["X-Tab"]
+
+
+@pytest.mark.skipif(django.VERSION >= (6, 0), reason="Django 6 builds with email.policy.SMTP")
+def test_a_compat32_folding_differently_turns_the_fast_fold_off(
+    drift: pytest.MonkeyPatch,
+) -> None:
+    # A future standard library that writes "Name:value" (no space): the probe sees the
+    # difference, and every header is written by the stock policy again.
+    stock = email.policy.Compat32.fold_binary
+
+    def future(self: Any, name: str, value: Any) -> bytes:
+        return stock(self, name, value).replace(b": ", b":", 1)
+
+    drift.setattr(email.policy.Compat32, "fold_binary", future)
+    module = reimported()
+    assert module.INTERNALS.fast_fold is False
+    message = EmailMessage(
+        "Your order", "Hello", "a@example.com", ["b@example.com"], headers=HEADERS
+    )
+    data = module.serialize(message)
+    assert b"Subject:Your order\r\n" in data
+    assert data == reference(message)
