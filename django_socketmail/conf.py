@@ -19,6 +19,7 @@ from; ``fail_silently`` never swallows them.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
@@ -302,8 +303,70 @@ def resolve_options(given: Mapping[str, Any], *, from_mailers: bool, source: str
     ``given`` holds the options passed to the backend (``None`` values count as not given,
     as in Django's backend); ``source`` names where they came from for error messages
     (``"MAILERS['default']['OPTIONS']"``).
+
+    Settings are read on every call.  The validated result is reused while every raw value
+    read (given or from settings) is the same as the last time (compared by value, the
+    password by digest): building a backend per ``send_mail()`` then validates nothing
+    again.  Raw values that cannot be compared so (a dict, an object such as a token
+    provider, a file path whose existence is checked) make it validate every time.
     """
     values, origins = _gather(given, from_mailers=from_mailers, source=source)
+    key = _cache_key(values, from_mailers=from_mailers)
+    if key is not None:
+        cached = _RESOLVED.get(key)
+        if cached is not None:
+            return cached
+    options = _validate(values, origins, from_mailers=from_mailers)
+    if key is not None:
+        if len(_RESOLVED) >= _RESOLVED_MAX:
+            _RESOLVED.clear()
+        _RESOLVED[key] = options
+    return options
+
+
+_RESOLVED: dict[tuple[Any, ...], BackendOptions] = {}
+_RESOLVED_MAX: Final = 64
+_UNCACHED: Final = frozenset({"ssl_certfile", "ssl_keyfile", "ssl_cafile", "token_provider"})
+"""Options whose validation looks beyond the value (a file, an import)."""
+
+
+def _cache_key(values: Mapping[str, Any], *, from_mailers: bool) -> tuple[Any, ...] | None:
+    """What :func:`resolve_options`'s result depends on, or None when it cannot be kept."""
+    parts: list[Any] = [from_mailers, _reads_email_settings(from_mailers)]
+    for name, value in values.items():
+        if value is None:
+            parts.append(None)
+        elif name in _UNCACHED:
+            return None
+        elif name == "password":
+            if not isinstance(value, str):
+                return None
+            parts.append(hashlib.sha256(value.encode("utf-8", "surrogatepass")).digest())
+        else:
+            try:
+                parts.append(_frozen(value))
+            except TypeError:
+                return None
+    return tuple(parts)
+
+
+def _frozen(value: Any) -> Any:
+    """``value`` as a key that compares equal only to the same value of the same type (1,
+    True and 1.0 are equal in Python, but a validator may take them differently); a list
+    or tuple of such values too.  Anything else raises ``TypeError``."""
+    kind = type(value)
+    if kind in (str, int, float, bool):
+        return (kind, value)
+    if kind in (list, tuple):
+        return (kind, tuple(_frozen(item) for item in value))
+    raise TypeError(kind.__name__)
+
+
+def _validate(
+    values: dict[str, Any], origins: Mapping[str, str], *, from_mailers: bool
+) -> BackendOptions:
+    """Validate the raw ``values`` (changed in place) into the backend's options; an
+    invalid one raises ``ImproperlyConfigured`` naming where it came from (``origins``)."""
     for name, check in _VALIDATORS.items():
         try:
             values[name] = check(values[name])

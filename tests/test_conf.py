@@ -190,3 +190,37 @@ def test_port_outside_mailers_is_djangos(
 def test_port_in_mailers_is_djangos(options: dict[str, Any], expected: int) -> None:
     assert django_port(host="h", alias="default", **options) == expected
     assert EmailBackend(host="h", alias="default", **options).port == expected
+
+
+def test_options_are_validated_again_only_when_a_value_read_changed(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    """A backend per ``send_mail()`` reuses the options validated for the same values; any
+    change of a value read, even one made without Django's ``setting_changed`` signal,
+    is seen by the next backend."""
+    given = {"host": "mail.example.com", "port": 2525, "password": "one"}
+    first = resolve_options(given, from_mailers=True, source="OPTIONS")
+    assert resolve_options(dict(given), from_mailers=True, source="OPTIONS") is first
+
+    changed = resolve_options(given | {"password": "two"}, from_mailers=True, source="OPTIONS")
+    assert changed is not first and changed.password == "two"
+    # The same number as a boolean and as an integer: each validated as itself.
+    assert resolve_options(given | {"pipelining": 1}, from_mailers=True, source="O").pipelining
+    assert resolve_options(given | {"pool": True}, from_mailers=True, source="O").pool
+
+    project = dict(getattr(settings, "SOCKETMAIL", {}) or {})
+    monkeypatch.setattr(
+        settings, "SOCKETMAIL", project | {"local_hostname": "a.example"}, raising=False
+    )
+    assert resolve_options(given, from_mailers=True, source="O").local_hostname == "a.example"
+    monkeypatch.setattr(settings, "SOCKETMAIL", project | {"local_hostname": "b.example"})
+    assert resolve_options(given, from_mailers=True, source="O").local_hostname == "b.example"
+
+    # A file's existence is checked every time.
+    certificate = tmp_path / "client.pem"
+    certificate.write_text("not read here")
+    with_file = given | {"ssl_certfile": str(certificate)}
+    assert resolve_options(with_file, from_mailers=True, source="O").ssl_certfile
+    certificate.unlink()
+    with pytest.raises(ImproperlyConfigured, match="does not exist"):
+        resolve_options(with_file, from_mailers=True, source="O")
