@@ -482,6 +482,72 @@ def test_a_queued_call_costs_two_inserts_in_the_callers_transaction() -> None:
     assert len(rows()) == 3
 
 
+class OutboxOn:
+    """Route the outbox's rows to ``alias``."""
+
+    def __init__(self, alias: str) -> None:
+        self.alias = alias
+
+    def db_for_write(self, model: Any, **hints: Any) -> str | None:
+        return self.alias if model._meta.model_name.startswith("outbox") else None
+
+    db_for_read = db_for_write
+
+
+@pytest.mark.django_db(transaction=True, databases=["default", ALIAS])
+def test_one_message_is_stored_in_one_statement_on_postgresql(postgres_database: str) -> None:
+    """On PostgreSQL one message's row and content go in with one statement (a
+    data-modifying WITH), holding what the two-statement path writes for the same message;
+    a rollback still stores nothing."""
+    from django.db import connections
+    from django.test import override_settings
+    from django.test.utils import CaptureQueriesContext
+
+    from django_socketmail import signals
+
+    seen: list[OutboxMessage] = []
+
+    def queued_signal(sender: Any, outbox: OutboxMessage, **kwargs: Any) -> None:
+        seen.append(outbox)
+
+    alias = postgres_database
+    pg = connections[alias]
+    with (
+        override_settings(DATABASE_ROUTERS=[OutboxOn(alias)]),
+        socketmail(task_backend="dummy"),
+    ):
+        OutboxMessage.objects.using(alias).all().delete()
+        backend = queued()
+        alone, first, second = message("alone"), message("pair one"), message("pair two")
+        signals.message_queued.connect(queued_signal)
+        try:
+            with transaction.atomic(using=alias), CaptureQueriesContext(pg) as ran:
+                assert backend.send_messages([alone]) == 1
+        finally:
+            signals.message_queued.disconnect(queued_signal)
+        assert [q["sql"].split()[0] for q in ran.captured_queries] == ["WITH"]
+        with transaction.atomic(using=alias):
+            assert backend.send_messages([first, second]) == 2
+        with pytest.raises(RuntimeError), transaction.atomic(using=alias):
+            backend.send_messages([message("rolled back")])
+            raise RuntimeError("the view failed")
+
+        stored = {r.subject: r for r in OutboxMessage.objects.using(alias).order_by("pk")}
+        assert list(stored) == ["alone", "pair one", "pair two"]
+        one, two = stored["alone"], stored["pair two"]
+        assert result_of(alone).outbox_id == one.pk == seen[0].pk
+        assert seen[0]._state.adding is False and seen[0]._state.db == alias
+        skip = {"id", "subject", "size", "created", "next_attempt", "message_id"}
+        for field in OutboxMessage._meta.concrete_fields:
+            if field.name not in skip:
+                assert getattr(one, field.name) == getattr(two, field.name), field.name
+        assert one.created <= one.next_attempt and one.created <= two.created
+        assert one.message_id.startswith("<") and one.message_id != two.message_id
+        data = bytes(OutboxContent.objects.using(alias).get(message_id=one.pk).data)
+        assert len(data) == one.size and b"Subject: alone\r\n" in data
+        OutboxMessage.objects.using(alias).all().delete()
+
+
 class StatesOn:
     """Route the mailers' state rows to ``alias``."""
 
