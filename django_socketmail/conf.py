@@ -355,11 +355,16 @@ def _frozen(value: Any) -> Any:
     True and 1.0 are equal in Python, but a validator may take them differently); a list
     or tuple of such values too.  Anything else raises ``TypeError``."""
     kind = type(value)
-    if kind in (str, int, float, bool):
+    if kind in _PLAIN_TYPES:
         return (kind, value)
     if kind in (list, tuple):
+        if all(type(item) is str for item in value):  # a list of names: the common case
+            return (kind, tuple(value))
         return (kind, tuple(_frozen(item) for item in value))
     raise TypeError(kind.__name__)
+
+
+_PLAIN_TYPES: Final = frozenset({str, int, float, bool})
 
 
 def _validate(

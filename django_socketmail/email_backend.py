@@ -68,6 +68,10 @@ content went out) is sent again on a new connection within one call."""
 _HAS_MAILERS: Final = django.VERSION >= (6, 1)
 
 
+_AGREEING: dict[tuple[int, int], tuple[BackendOptions, BackendOptions]] = {}
+"""Pairs of (worker's, backend's) options found to agree, by identity."""
+
+
 class EmailBackend(AsyncBackendMixin, BaseEmailBackend):
     """Send mail through django-socketmail's own SMTP client and record it in the audit log."""
 
@@ -137,12 +141,19 @@ class EmailBackend(AsyncBackendMixin, BaseEmailBackend):
         from .queue import settled_options
 
         settled = settled_options(self.mailer_alias)
+        pair = (id(settled), id(self.options))
+        if pair in _AGREEING:  # the same two (cached) option objects as before
+            return
         differ = [
             f.name
             for f in fields(BackendOptions)
             if f.name not in ("queue", "fail_silently")
             and getattr(settled, f.name) != getattr(self.options, f.name)
         ]
+        if not differ:
+            if len(_AGREEING) >= 64:
+                _AGREEING.clear()
+            _AGREEING[pair] = (settled, self.options)  # kept alive: their ids stay theirs
         if differ:
             where = (
                 f"MAILERS[{self.mailer_alias!r}]['OPTIONS']"
