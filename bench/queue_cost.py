@@ -603,6 +603,7 @@ def chains(requests: int, rounds: int) -> list[tuple[int, int]]:
     from datetime import timedelta
 
     from django.conf import settings
+    from django.test import override_settings
     from django.utils import timezone
     from django_tasks_db.models import DBTaskResult
 
@@ -612,8 +613,8 @@ def chains(requests: int, rounds: int) -> list[tuple[int, int]]:
     truncate_app_tables()
     DBTaskResult.objects.all().delete()
     socketmail: dict[str, Any] = getattr(settings, "SOCKETMAIL")  # noqa: B009
-    socketmail["max_connections"] = 1
-    try:
+    # Through override_settings, whose signal makes the worker's options be read again.
+    with override_settings(SOCKETMAIL={**socketmail, "max_connections": 1}):
         expires = timezone.now() + timedelta(minutes=5)
         MailerSlot.objects.create(mailer="", number=0, holder="another-worker", expires=expires)
         for _ in range(requests):
@@ -626,8 +627,6 @@ def chains(requests: int, rounds: int) -> list[tuple[int, int]]:
                 DBTaskResult.objects.filter(pk=task.pk).update(status="SUCCESSFUL")
             counts.append((len(pending), DBTaskResult.objects.filter(status="READY").count()))
         return counts
-    finally:
-        del socketmail["max_connections"]
 
 
 # -- report --------------------------------------------------------------------------------
@@ -639,7 +638,7 @@ def report(
     calls: str,
     load: tuple[float, float],
     backlog: Backlog | None,
-    chained: list[tuple[int, int]] | None,
+    chained: tuple[int, list[tuple[int, int]]] | None,
 ) -> str:
     n = delivery.messages
     s = delivery.statements
@@ -748,11 +747,12 @@ def report(
             "```",
         ]
     if chained:
-        steps = "; ".join(f"ran {ran}, then {left} pending" for ran, left in chained)
+        requests, counts = chained
+        steps = "; ".join(f"ran {ran}, then {left} pending" for ran, left in counts)
         lines += [
             "",
             f"**d. Runs that find the only connection slot held** (`max_connections=1`, the "
-            f"slot leased by another worker; {chained[0][0]} requests of one message, then "
+            f"slot leased by another worker; {requests} requests of one message, then "
             f"every pending task run in turn): {steps}.",
         ]
     return "\n".join(lines)
@@ -825,7 +825,7 @@ def main(argv: list[str] | None = None) -> int:
                 backlog = claim_at_backlog(args.backlog, args.history, args.claims)
             chained = None
             if args.chain_requests and args.tasks == "db":
-                chained = chains(args.chain_requests, 3)
+                chained = (args.chain_requests, chains(args.chain_requests, 3))
             calls = (
                 f"{args.calls} calls at 0 ms and {args.slow_calls} at 10 ms after {WARMUP} "
                 f"warm-up calls of each, {args.messages} messages delivered; Tasks backend: "
