@@ -38,7 +38,7 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Final, Protocol, cast
 
 from asgiref.sync import sync_to_async
-from django.db import close_old_connections
+from django.db import close_old_connections, connections
 from django.views.decorators.debug import sensitive_variables
 
 from .audit import AuditRecorder
@@ -73,7 +73,9 @@ async def flush_in_thread(recorder: Recorder) -> None:
     loop goes on meanwhile.  The thread writes with its own database connection, outside
     any atomic block of the caller's, so the rows survive the caller's rollback; after
     the write that connection is closed unless ``CONN_MAX_AGE`` keeps it (as Django does
-    at the end of a request), so executor threads do not each hold one for good."""
+    at the end of a request), so executor threads do not each hold one for good.  A
+    connection to an in-memory SQLite database is closed too (Django's ``close()`` keeps
+    those, lest the data go; the connection that made the database keeps it alive)."""
     await sync_to_async(_flush_then_tidy, thread_sensitive=False)(recorder)
 
 
@@ -82,6 +84,12 @@ def _flush_then_tidy(recorder: Recorder) -> None:
         recorder.flush()
     finally:
         close_old_connections()
+        opened: Sequence[Any] = connections.all(initialized_only=True)
+        for connection in opened:
+            raw = connection.connection
+            if raw is not None and connection.vendor == "sqlite" and connection.is_in_memory_db():
+                raw.close()
+                connection.connection = None
 
 
 class AsyncSession(SessionCore):

@@ -14,6 +14,7 @@ import asyncio
 import gc
 import logging
 import os
+import sqlite3
 import threading
 import time
 import warnings
@@ -26,7 +27,7 @@ from asgiref.sync import SyncToAsync
 from django.contrib.auth.models import User
 from django.core import mail
 from django.core.mail import EmailMessage
-from django.db import transaction
+from django.db import connections, transaction
 from django.test import override_settings
 
 import django_socketmail
@@ -607,6 +608,32 @@ def test_async_audit_log_is_written_off_the_loop_and_survives_a_rollback(
     assert threading.current_thread() not in threads
     assert MessageLog.objects.get().status == "sent"
     assert SessionLog.objects.count() == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_async_audit_write_leaves_its_thread_no_open_connection(
+    make: Any, plain_server: LocalSMTPServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker thread that wrote the rows keeps no database connection open afterwards,
+    not even to an in-memory SQLite database (the suite's; Django's SQLite ``close()``
+    ignores those): else the executor thread holds it until it ends, and then drops it
+    open (Python 3.13: ``ResourceWarning: unclosed database``)."""
+    opened: list[sqlite3.Connection] = []
+    flush = AuditRecorder.flush
+
+    def spy(self: AuditRecorder) -> None:
+        flush(self)
+        live = [c.connection for c in connections.all(initialized_only=True)]
+        opened.extend(raw for raw in live if raw is not None)
+
+    monkeypatch.setattr(AuditRecorder, "flush", spy)
+    backend = make(plain_server, audit_log=True)
+    assert run(backend.asend_messages([message()])) == 1
+    assert MessageLog.objects.get().status == "sent"
+    assert opened  # the write used a connection of the worker thread's
+    for raw in opened:
+        with pytest.raises(sqlite3.ProgrammingError, match="closed"):
+            raw.execute("SELECT 1")
 
 
 @pytest.mark.django_db(transaction=True)
