@@ -53,6 +53,7 @@ from django.core.signals import setting_changed
 from django.db import OperationalError, connections, router, transaction
 from django.utils import timezone
 
+from .rows import update_row
 from .smtp import SendResult, SendStatus, SMTPClient
 from .smtp.errors import ReplyError
 from .smtp.transcript import TranscriptLine
@@ -362,7 +363,7 @@ class AuditRecorder:
         before = self._written.get(database, {})
         changed = {k: v for k, v in values.items() if k not in before or before[k] != v}
         if changed:
-            _update_row(alias, model, pk, changed)
+            update_row(alias, model, pk, changed)
             transaction.on_commit(lambda: committed(pk), using=alias)
         return pk
 
@@ -620,20 +621,6 @@ def _insert_sql(connection: Any, model: Any, names: tuple[str, ...]) -> str:
         table = quote(model._meta.db_table)
         sql = _INSERTS[key] = f"INSERT INTO {table} ({columns}) VALUES ({placeholders})"  # noqa: S608 - names from the model, values bound
     return sql
-
-
-def _update_row(alias: str, model: Any, pk: int, values: dict[str, Any]) -> None:
-    """UPDATE one row's ``values`` (by field name, text already storable) with plain SQL,
-    each value prepared by its field as the ORM's ``update()`` would."""
-    connection = connections[alias]
-    quote = connection.ops.quote_name
-    meta = model._meta
-    fields = [meta.get_field(name) for name in values]
-    assignments = ", ".join(f"{quote(f.column)} = %s" for f in fields)
-    params = [f.get_db_prep_save(values[f.name], connection) for f in fields]
-    sql = f"UPDATE {quote(meta.db_table)} SET {assignments} WHERE {quote(meta.pk.column)} = %s"  # noqa: S608 - names from the model, values bound
-    with connection.cursor() as cursor:
-        cursor.execute(sql, [*params, pk])
 
 
 @contextlib.contextmanager

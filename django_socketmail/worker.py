@@ -17,6 +17,7 @@ from . import signals
 from .limits import Limits, is_throttle
 from .outbox import DUE, OutboxContent, OutboxMessage, OutboxStatus
 from .queue import LEASE, delivery_from_json, enqueue, recover, run_started, sending_backend
+from .rows import update_row
 from .smtp import SendResult, SendStatus, SocketMailError
 from .smtp.engine import Settled, Write
 from .smtp.errors import ReplyError
@@ -306,9 +307,7 @@ class Worker:
             last_error=str(error) if error is not None else "",
             queue_id=(result.queue_id or "") if result is not None else "",
         )
-        OutboxMessage.objects.using(self.alias).filter(pk=row.pk, lease_owner=self.token).update(
-            **values
-        )
+        update_row(self.alias, OutboxMessage, row.pk, values, where={"lease_owner": self.token})
         self._count(status)
         if status in (OutboxStatus.SENT, OutboxStatus.PARTIAL):
             signal = signals.message_sent
