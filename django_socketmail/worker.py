@@ -17,7 +17,7 @@ from . import signals
 from .limits import Limits, is_throttle
 from .outbox import DUE, OutboxContent, OutboxMessage, OutboxStatus
 from .queue import LEASE, delivery_from_json, enqueue, recover, run_started, sending_backend
-from .rows import update_row
+from .rows import update_row, update_rows
 from .smtp import SendResult, SendStatus, SocketMailError
 from .smtp.engine import Settled, Write
 from .smtp.errors import ReplyError
@@ -242,8 +242,11 @@ class Worker:
         ids = {by_result[id(r)] for r in write.content if id(r) in by_result}
         objects = OutboxMessage.objects.using(self.alias).filter(lease_owner=self.token)
         if ids:
-            held = objects.filter(pk__in=ids, status=OutboxStatus.SENDING)
-            if held.update(content_may_have_left=True) != len(ids):
+            held = {"lease_owner": self.token, "status": OutboxStatus.SENDING}
+            marked = update_rows(
+                self.alias, OutboxMessage, sorted(ids), {"content_may_have_left": True}, where=held
+            )
+            if marked != len(ids):
                 raise LeaseLost(
                     f"the lease on queued messages {sorted(ids)} was taken over by another "
                     f"run before their content was written (this worker stalled for more "
