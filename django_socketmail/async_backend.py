@@ -311,6 +311,7 @@ class Coalescer:
                 backend = run[0].backend
                 self.busy += 1
                 finished: list[tuple[_Request, BaseException | None]] = []
+                cancelled = False
                 try:
                     if session is None or not session.is_open:
                         if session is not None:
@@ -327,12 +328,16 @@ class Coalescer:
                     # A bug or the loop's shutdown: nobody may wait for ever.
                     told = {id(request) for request, _ in finished}
                     finished += [(r, failure) for r in run if id(r) not in told]
+                    cancelled = isinstance(failure, asyncio.CancelledError)
                     raise
                 finally:
                     self.busy -= 1
                     for request, error in finished:
                         _finish(request, error)
-                    self._spawn()
+                    # Cancelled by the loop's end (which cancels the callers too): a run
+                    # started now would not be waited for, and its connection left open.
+                    if not cancelled:
+                        self._spawn()
         finally:
             if session is not None and backend is not None:
                 await _release(backend, session)

@@ -547,3 +547,56 @@ def test_a_caller_cancelled_while_giving_its_connection_back_does_not_drop_it(
     assert (len(cut.messages), cut.ended_by, cut.count("QUIT")) == (2, "client", 0)
     assert (len(fresh.messages), fresh.commands[-1]) == (2, b"QUIT")  # the loop's end QUIT it
     check_nothing_left_open(baseline)
+
+
+def test_a_run_ended_by_the_loops_shutdown_starts_no_other(baseline: tuple[int, int]) -> None:
+    """The loop's end cancels every task it has, the coalesced runs and their callers
+    alike, in an order of its own.  Here: two runs in flight (the cap), ten more callers
+    waiting; the callers and one run end first, then the other run.  A run ended so
+    starts no other run for the messages still waiting: that run's task would not be among
+    those the loop cancels and waits for, and its connection would be left open when the
+    loop closes (``test_the_loop_ending_mid_burst`` failed now and then that way)."""
+    stalls: list[Connection] = []
+
+    def sit(conn: Connection, line: bytes) -> None:  # on the final dot: no reply for now
+        stalls.append(conn)
+        conn.sleep(TIMEOUT)
+        conn.close()
+
+    rng = random.Random(0)
+    msgs = [make_message(rng, 0, n, refusable=False) for n in range(12)]
+    with HostileSMTPServer(Script([greet(), respond({".": sit})])) as server:
+        options = server_options(server, audit_log=False, max_connections=2)
+
+        async def stalled(count: int) -> None:
+            while len(stalls) < count:
+                await asyncio.sleep(0.005)
+
+        async def main() -> None:
+            me = asyncio.current_task()
+            first = asyncio.ensure_future(EmailBackend(**options).asend_messages(msgs[:1]))
+            await stalled(1)
+            (run_a,) = asyncio.all_tasks() - {me, first}
+            second = asyncio.ensure_future(EmailBackend(**options).asend_messages(msgs[1:2]))
+            await stalled(2)
+            (run_b,) = asyncio.all_tasks() - {me, first, second, run_a}
+            waiting = [
+                asyncio.ensure_future(EmailBackend(**options).asend_messages([m])) for m in msgs[2:]
+            ]
+            await asyncio.sleep(0.05)  # each has queued its message (no third run: the cap)
+            assert asyncio.all_tasks() == {me, first, second, run_a, run_b, *waiting}
+            callers = [first, second, *waiting]
+            for task in [*callers, run_b]:
+                task.cancel()
+            await asyncio.wait([*callers, run_b])
+            await asyncio.sleep(0)  # the ended run leaves the coalescer's runners
+            run_a.cancel()
+            await asyncio.wait([run_a])
+            await asyncio.sleep(0)
+            assert asyncio.all_tasks() == {me}
+
+        asyncio.run(main(), debug=True)
+        assert server.wait_closed(count=2, timeout=TIMEOUT)
+    assert len(server.connections) == 2
+    assert [result_of(m) for m in msgs[2:]] == [None] * 10  # never attempted
+    check_nothing_left_open(baseline)
