@@ -6,8 +6,8 @@ sync backend's options, batching (:meth:`EmailBackend._next_batch`), settlement
 (:meth:`EmailBackend._settle_batch`) and recording, so an async call returns the same
 count, sets the same ``message.socketmail_result`` and raises the same exception classes as
 ``send_messages()``.  Only the waiting differs: connecting, sending and QUIT are awaited on
-the running loop, and the audit log is written in a worker thread
-(``sync_to_async(..., thread_sensitive=False)``) with that thread's own database
+the running loop, and the audit log is written in a worker thread (the loop's default
+executor, as ``sync_to_async(..., thread_sensitive=False)``) with that thread's own database
 connection, so it neither blocks the loop nor shares the fate of a transaction the caller
 holds elsewhere.
 
@@ -29,6 +29,7 @@ is recorded with its truthful result.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import os
 import time
@@ -75,8 +76,14 @@ async def flush_in_thread(recorder: Recorder) -> None:
     the write that connection is closed unless ``CONN_MAX_AGE`` keeps it (as Django does
     at the end of a request), so executor threads do not each hold one for good.  A
     connection to an in-memory SQLite database is closed too (Django's ``close()`` keeps
-    those, lest the data go; the connection that made the database keeps it alive)."""
-    await sync_to_async(_flush_then_tidy, thread_sensitive=False)(recorder)
+    those, lest the data go; the connection that made the database keeps it alive).
+
+    Cancelling the caller does not stop the write, even one still waiting for a free thread
+    (``sync_to_async`` would drop that one): it runs to its end in the loop's default
+    executor, whose threads the loop's end waits for."""
+    loop = asyncio.get_running_loop()
+    context = contextvars.copy_context()
+    await asyncio.shield(loop.run_in_executor(None, context.run, _flush_then_tidy, recorder))
 
 
 def _flush_then_tidy(recorder: Recorder) -> None:

@@ -41,6 +41,7 @@ import socket
 import threading
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -599,4 +600,40 @@ def test_a_run_ended_by_the_loops_shutdown_starts_no_other(baseline: tuple[int, 
         assert server.wait_closed(count=2, timeout=TIMEOUT)
     assert len(server.connections) == 2
     assert [result_of(m) for m in msgs[2:]] == [None] * 10  # never attempted
+    check_nothing_left_open(baseline)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_caller_cancelled_before_its_audit_write_starts_still_gets_its_rows(
+    baseline: tuple[int, int],
+) -> None:
+    """The audit rows are written in a worker thread.  When every thread is busy the write
+    waits for one; a caller cancelled meanwhile still gets its rows: the write runs once a
+    thread is free (the loop's end waits for it), as one cancelled while it runs."""
+    free = threading.Event()
+    msg = make_message(random.Random(0), 0, 0, refusable=False)
+    with HostileSMTPServer(Script([greet(), respond({})])) as server:
+        options = server_options(server, pool=False)
+
+        async def main() -> None:
+            loop = asyncio.get_running_loop()
+            loop.set_default_executor(ThreadPoolExecutor(max_workers=1))
+            busy = loop.run_in_executor(None, free.wait, TIMEOUT)
+            task = asyncio.ensure_future(EmailBackend(**options).asend_messages([msg]))
+            while not any(conn.count("QUIT") for conn in server.connections):
+                await asyncio.sleep(0.005)
+            await asyncio.sleep(0.05)  # the session's end: its rows wait for the thread
+            assert not task.done()
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            free.set()
+            await busy
+
+        asyncio.run(main(), debug=True)
+        assert server.wait_closed(count=1, timeout=TIMEOUT)
+    result = result_of(msg)
+    assert result is not None
+    assert result.status is SendStatus.SENT
+    assert list(MessageLog.objects.values_list("status", flat=True)) == ["sent"]
     check_nothing_left_open(baseline)
