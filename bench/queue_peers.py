@@ -278,15 +278,22 @@ def settings_text(
 
 
 class Children:
-    """Every child this benchmark starts, stopped by its pid."""
+    """Every child this benchmark starts (in ``cwd``: django-mailer leaves its lock files in
+    the current directory), stopped by its pid."""
 
-    def __init__(self) -> None:
+    def __init__(self, cwd: Path) -> None:
+        self.cwd = cwd
         self.running: list[subprocess.Popen[bytes]] = []
 
     def start(self, argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
         with log.open("ab") as out:
             process = subprocess.Popen(
-                argv, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+                argv,
+                env=env,
+                cwd=self.cwd,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
             )
         self.running.append(process)
         return process
@@ -427,7 +434,7 @@ class Bench:
     def __init__(self, args: argparse.Namespace, workdir: Path) -> None:
         self.args = args
         self.workdir = workdir
-        self.children = Children()
+        self.children = Children(workdir)
         self.server: Any = None
         self.postfix: Any = None
         self.proxy: ProxyProcess | None = None
