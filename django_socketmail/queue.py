@@ -250,16 +250,22 @@ def kick(mailer: str) -> None:
 def _request_run(mailer: str) -> bool:
     """Mark a run as pending for ``mailer``; False when one already is.
 
-    On PostgreSQL and SQLite 3.35+ this is one statement (an upsert whose update only
-    happens when no run is pending, returning a row when it marked one); elsewhere the
-    state row is made if missing, then marked by a conditional UPDATE."""
+    On PostgreSQL this is one conditional UPDATE that also tells whether the row exists
+    (while a run is pending it matches nothing, so it neither locks nor writes the row that
+    every queued call of the mailer checks), then the upsert below once, when the row does
+    not exist yet.  On SQLite 3.35+ it is that upsert (an INSERT whose update only happens
+    when no run is pending, returning a row when it marked one).  Elsewhere the state row
+    is made if missing, then marked by a conditional UPDATE."""
     alias = router.db_for_write(MailerState)
     now = timezone.now()
     cutoff = now - RUN_PENDING
     connection = transaction.get_connection(alias)
-    if connection.vendor == "postgresql" or (
-        connection.vendor == "sqlite" and connection.features.can_return_columns_from_insert
-    ):
+    if connection.vendor == "postgresql":
+        marked = _request_run_update(connection, mailer, now, cutoff)
+        if marked is not None:
+            return marked
+        return _request_run_upsert(connection, mailer, now, cutoff)  # no row yet
+    if connection.vendor == "sqlite" and connection.features.can_return_columns_from_insert:
         return _request_run_upsert(connection, mailer, now, cutoff)
     states = MailerState.objects.using(alias)
     try:
@@ -269,6 +275,33 @@ def _request_run(mailer: str) -> bool:
         pass
     free = Q(run_requested__isnull=True) | Q(run_requested__lt=cutoff)
     return bool(states.filter(free, mailer=mailer).update(run_requested=now))
+
+
+def _request_run_update(
+    connection: Any, mailer: str, now: datetime, cutoff: datetime
+) -> bool | None:
+    """PostgreSQL: mark the run pending with a conditional UPDATE; True when it did, False
+    when one already was, None when the mailer has no state row yet."""
+    meta = MailerState._meta
+    quote = connection.ops.quote_name
+    table = quote(meta.db_table)
+    key = quote(meta.pk.column)
+    requested = meta.get_field("run_requested")
+    column = quote(requested.column)
+    # Names from the model, values bound.
+    sql = (
+        f"WITH marked AS (UPDATE {table} SET {column} = %s "  # noqa: S608
+        f"WHERE {key} = %s AND ({column} IS NULL OR {column} < %s) RETURNING 1) "
+        f"SELECT EXISTS (SELECT 1 FROM marked), EXISTS (SELECT 1 FROM {table} WHERE {key} = %s)"
+    )
+    when = requested.get_db_prep_value(now, connection)
+    before = requested.get_db_prep_value(cutoff, connection)
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [when, mailer, before, mailer])
+        marked, exists = cursor.fetchone()
+    if marked:
+        return True
+    return False if exists else None
 
 
 def _request_run_upsert(connection: Any, mailer: str, now: datetime, cutoff: datetime) -> bool:

@@ -528,9 +528,14 @@ def test_one_message_is_stored_in_one_statement_on_postgresql(postgres_database:
         assert [q["sql"].split()[0] for q in ran.captured_queries] == ["WITH"]
         with transaction.atomic(using=alias):
             assert backend.send_messages([first, second]) == 2
-        with pytest.raises(RuntimeError), transaction.atomic(using=alias):
-            backend.send_messages([message("rolled back")])
-            raise RuntimeError("the view failed")
+
+        def failing_view() -> None:
+            with transaction.atomic(using=alias):
+                backend.send_messages([message("rolled back")])
+                raise RuntimeError("the view failed")
+
+        with pytest.raises(RuntimeError):
+            failing_view()
 
         stored = {r.subject: r for r in OutboxMessage.objects.using(alias).order_by("pk")}
         assert list(stored) == ["alone", "pair one", "pair two"]
@@ -578,6 +583,32 @@ def test_one_pending_run_per_mailer_on_postgresql(
     check_pending_runs(postgres_database, upsert, monkeypatch)
 
 
+@pytest.mark.django_db(transaction=True, databases=["default", ALIAS])
+def test_a_pending_run_is_found_without_locking_or_writing_on_postgresql(
+    postgres_database: str,
+) -> None:
+    """While a run is pending, each request's check of the mailer's state row (one per
+    queued call, the hottest row of a busy site) neither locks nor writes it: no WAL."""
+    from django.db import connections
+    from django.test import override_settings
+
+    from django_socketmail import queue
+    from django_socketmail.outbox import MailerState
+
+    alias = postgres_database
+    with override_settings(DATABASE_ROUTERS=[StatesOn(alias)]):
+        MailerState.objects.using(alias).filter(mailer="hot").delete()
+        assert queue._request_run("hot") is True
+        with connections[alias].cursor() as cursor:
+            cursor.execute("SELECT pg_current_wal_insert_lsn()")
+            (before,) = cursor.fetchone()
+            assert [queue._request_run("hot") for _ in range(20)] == [False] * 20
+            cursor.execute("SELECT pg_current_wal_insert_lsn() - %s::pg_lsn", [before])
+            (written,) = cursor.fetchone()
+        assert written == 0
+        MailerState.objects.using(alias).filter(mailer="hot").delete()
+
+
 def check_pending_runs(alias: str, upsert: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """Both ways of marking a run pending (the upsert of PostgreSQL and SQLite, the
     get-or-create and conditional UPDATE of the other databases) agree: the first request
@@ -589,8 +620,8 @@ def check_pending_runs(alias: str, upsert: bool, monkeypatch: pytest.MonkeyPatch
     from django_socketmail import queue
     from django_socketmail.outbox import MailerState
 
+    vendor = connections[alias].vendor
     if not upsert:
-        vendor = connections[alias].vendor
         monkeypatch.setattr(connections[alias], "vendor", f"not-{vendor}")
     with override_settings(DATABASE_ROUTERS=[StatesOn(alias)]):
         states = MailerState.objects.using(alias)
@@ -598,8 +629,13 @@ def check_pending_runs(alias: str, upsert: bool, monkeypatch: pytest.MonkeyPatch
         with CaptureQueriesContext(connections[alias]) as ran:
             first = queue._request_run("m")
         assert first is True
-        assert len(ran.captured_queries) == (1 if upsert else 7)
-        assert [queue._request_run("m") for _ in range(3)] == [False, False, False]
+        # The first request makes the state row: the upsert on SQLite; on PostgreSQL the
+        # conditional UPDATE finds no row, then the upsert; elsewhere get-or-create.
+        assert len(ran.captured_queries) == ((2 if vendor == "postgresql" else 1) if upsert else 7)
+        with CaptureQueriesContext(connections[alias]) as ran:
+            assert [queue._request_run("m") for _ in range(3)] == [False, False, False]
+        if upsert:
+            assert len(ran.captured_queries) == 3  # one statement per request
         assert queue._request_run("n") is True  # another mailer: its own run
         queue.run_started("m")
         assert queue._request_run("m") is True
