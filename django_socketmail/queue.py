@@ -286,7 +286,7 @@ def _request_run_update(
     quote = connection.ops.quote_name
     table = quote(meta.db_table)
     key = quote(meta.pk.column)
-    requested = meta.get_field("run_requested")
+    requested = cast("models.DateTimeField[Any, Any]", meta.get_field("run_requested"))
     column = quote(requested.column)
     # Names from the model, values bound.
     sql = (
