@@ -728,22 +728,28 @@ def rcpt_refusing_nobody(conn: Connection, line: bytes) -> None:
         conn.reply(250, "2.1.5 Ok")
 
 
+@pytest.fixture
+def runs(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The number of transactions of each run sent on an async session, in order."""
+    counts: list[int] = []
+    send = async_backend.AsyncSession.send
+
+    async def counting(self: Any, transactions: Any, *, stop_on_error: bool) -> Any:
+        counts.append(len(transactions))
+        return await send(self, transactions, stop_on_error=stop_on_error)
+
+    monkeypatch.setattr(async_backend.AsyncSession, "send", counting)
+    return counts
+
+
 @pytest.mark.parametrize("cap", [1, 3])
 def test_concurrent_sends_coalesce_into_few_runs_within_the_connection_cap(
-    make: Any, cap: int, monkeypatch: pytest.MonkeyPatch
+    make: Any, cap: int, runs: list[int]
 ) -> None:
     """One call, then 59 more while its run is under way (one message each; every fifth to a
     refused recipient): at most ``cap`` connections, a handful of pipelined runs, not 60,
     every message delivered once, and each caller gets its own count or its own
     ``RecipientsRefused``."""
-    runs: list[int] = []
-    send = async_backend.AsyncSession.send
-
-    async def counting(self: Any, transactions: Any, *, stop_on_error: bool) -> Any:
-        runs.append(len(transactions))
-        return await send(self, transactions, stop_on_error=stop_on_error)
-
-    monkeypatch.setattr(async_backend.AsyncSession, "send", counting)
     script = Script([greet(), respond({"RCPT": rcpt_refusing_nobody})])
     with HostileSMTPServer(script) as server:
         backend = make(server, pool=True, max_connections=cap)
@@ -778,19 +784,11 @@ def test_concurrent_sends_coalesce_into_few_runs_within_the_connection_cap(
 
 @pytest.mark.parametrize("cap", [1, 3])
 def test_a_burst_arriving_at_once_is_spread_over_the_connection_cap(
-    make: Any, cap: int, monkeypatch: pytest.MonkeyPatch
+    make: Any, cap: int, runs: list[int]
 ) -> None:
     """60 calls started together (one ``gather``), ``max_connections=cap``: the burst is
     shared out over ``cap`` connections in runs of about equal size (it all went on one
     connection, whatever the cap), each message delivered once."""
-    runs: list[int] = []
-    send = async_backend.AsyncSession.send
-
-    async def counting(self: Any, transactions: Any, *, stop_on_error: bool) -> Any:
-        runs.append(len(transactions))
-        return await send(self, transactions, stop_on_error=stop_on_error)
-
-    monkeypatch.setattr(async_backend.AsyncSession, "send", counting)
     with HostileSMTPServer(Script([greet(), respond({})])) as server:
         backend = make(server, pool=True, max_connections=cap)
         msgs = [message([f"r{i}@example.com"], subject=f"n{i}") for i in range(60)]
