@@ -53,7 +53,7 @@ from django.core.signals import setting_changed
 from django.db import OperationalError, connections, router, transaction
 from django.utils import timezone
 
-from .rows import update_row
+from .rows import insert_many, update_row
 from .smtp import SendResult, SendStatus, SMTPClient
 from .smtp.errors import ReplyError
 from .smtp.transcript import TranscriptLine
@@ -317,7 +317,7 @@ class AuditRecorder:
             )
             for r in job.messages
         ]
-        last_id = _insert_many(alias, MessageLog, _MESSAGE_COLUMNS, rows)
+        last_id = insert_many(alias, MessageLog, _MESSAGE_COLUMNS, rows)
         if len(rows) == 1 and last_id is not None:
             ids = [last_id]  # one row (a pooled call): no read-back query
         else:
@@ -333,7 +333,7 @@ class AuditRecorder:
             for message_id, record in zip(ids, job.messages, strict=True)
             for address, status, code, text in record.recipients
         ]
-        _insert_many(alias, RecipientLog, _RECIPIENT_COLUMNS, recipient_rows)
+        insert_many(alias, RecipientLog, _RECIPIENT_COLUMNS, recipient_rows)
 
     def _save_session(self, model: Any, alias: str, state: _SessionState) -> int:
         """Create the session's row in ``alias``'s database, or update the one created there
@@ -586,41 +586,6 @@ def _audit_alias(configured: str | None) -> tuple[str, Any]:
     clone = type(base)(settings_dict, alias=clone_alias)
     connections[clone_alias] = clone
     return clone_alias, clone
-
-
-def _insert_many(
-    alias: str, model: Any, names: tuple[str, ...], rows: list[tuple[Any, ...]]
-) -> int | None:
-    """INSERT plain rows (values ready for the database) with one ``executemany``: the
-    ORM's per-object and per-value preparation would be most of the audit log's cost.
-    Returns the new row's id when one row went to a database that tells it (SQLite,
-    MySQL), else None."""
-    if not rows:
-        return None
-    connection = connections[alias]
-    sql = _insert_sql(connection, model, names)
-    with connection.cursor() as cursor:
-        if len(rows) == 1 and connection.vendor in ("sqlite", "mysql"):
-            cursor.execute(sql, rows[0])
-            return int(cursor.lastrowid)
-        cursor.executemany(sql, rows)
-    return None
-
-
-_INSERTS: dict[tuple[str, Any, tuple[str, ...]], str] = {}
-
-
-def _insert_sql(connection: Any, model: Any, names: tuple[str, ...]) -> str:
-    """The INSERT statement of :func:`_insert_many`, made once per kind of database."""
-    key = (connection.vendor, model, names)
-    sql = _INSERTS.get(key)
-    if sql is None:
-        quote = connection.ops.quote_name
-        columns = ", ".join(quote(model._meta.get_field(name).column) for name in names)
-        placeholders = ", ".join(["%s"] * len(names))
-        table = quote(model._meta.db_table)
-        sql = _INSERTS[key] = f"INSERT INTO {table} ({columns}) VALUES ({placeholders})"  # noqa: S608 - names from the model, values bound
-    return sql
 
 
 @contextlib.contextmanager
