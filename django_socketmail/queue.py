@@ -199,8 +199,7 @@ def _insert_with_content_sql(connection: Any) -> tuple[str, list[tuple[Any, bool
     meta = OutboxMessage._meta
     fields = [f for f in meta.concrete_fields if f is not meta.pk]
     content = OutboxContent._meta
-    link = OutboxContent._meta.pk
-    data = _CONTENT_DATA
+    link, data = content.pk, _CONTENT_DATA
     # Names from the models, values bound.
     sql = (
         f"WITH stored AS (INSERT INTO {quote(meta.db_table)} "  # noqa: S608
@@ -282,26 +281,40 @@ def _request_run_update(
 ) -> bool | None:
     """PostgreSQL: mark the run pending with a conditional UPDATE; True when it did, False
     when one already was, None when the mailer has no state row yet."""
-    meta = MailerState._meta
-    quote = connection.ops.quote_name
-    table = quote(meta.db_table)
-    key = quote(meta.pk.column)
-    requested = cast("models.DateTimeField[Any, Any]", meta.get_field("run_requested"))
-    column = quote(requested.column)
-    # Names from the model, values bound.
-    sql = (
-        f"WITH marked AS (UPDATE {table} SET {column} = %s "  # noqa: S608
-        f"WHERE {key} = %s AND ({column} IS NULL OR {column} < %s) RETURNING 1) "
-        f"SELECT EXISTS (SELECT 1 FROM marked), EXISTS (SELECT 1 FROM {table} WHERE {key} = %s)"
-    )
+    requested = _RUN_REQUESTED
     when = requested.get_db_prep_value(now, connection)
     before = requested.get_db_prep_value(cutoff, connection)
     with connection.cursor() as cursor:
-        cursor.execute(sql, [when, mailer, before, mailer])
+        cursor.execute(_request_run_update_sql(connection), [when, mailer, before, mailer])
         marked, exists = cursor.fetchone()
     if marked:
         return True
     return False if exists else None
+
+
+_RUN_REQUESTED: Final = cast(
+    "models.DateTimeField[Any, Any]", MailerState._meta.get_field("run_requested")
+)
+_UPDATE_SQL: dict[str, str] = {}
+
+
+def _request_run_update_sql(connection: Any) -> str:
+    """The statement of :func:`_request_run_update`, made once per database alias."""
+    sql = _UPDATE_SQL.get(connection.alias)
+    if sql is None:
+        meta = MailerState._meta
+        quote = connection.ops.quote_name
+        table = quote(meta.db_table)
+        key = quote(meta.pk.column)
+        column = quote(_RUN_REQUESTED.column)
+        # Names from the model, values bound.
+        sql = _UPDATE_SQL[connection.alias] = (
+            f"WITH marked AS (UPDATE {table} SET {column} = %s "  # noqa: S608
+            f"WHERE {key} = %s AND ({column} IS NULL OR {column} < %s) RETURNING 1) "
+            f"SELECT EXISTS (SELECT 1 FROM marked), "
+            f"EXISTS (SELECT 1 FROM {table} WHERE {key} = %s)"
+        )
+    return sql
 
 
 def _request_run_upsert(connection: Any, mailer: str, now: datetime, cutoff: datetime) -> bool:
