@@ -78,6 +78,7 @@ __all__ = [
     "delivery_from_json",
     "enqueue",
     "kick",
+    "open_requests",
     "recover",
     "sending_backend",
     "settled_options",
@@ -128,9 +129,12 @@ def store(backend: EmailBackend, messages: Sequence[EmailMessage]) -> int:
     rows = [row for _, row, _ in prepared]
     with transaction.atomic(using=alias, savepoint=False):
         connection = transaction.get_connection(alias)
+        pending = False
         if len(prepared) == 1 and connection.vendor == "postgresql":
             _, row, data = prepared[0]
-            _insert_with_content(connection, row, data)
+            # The pending-run check rides along when the mailer's state row is there too.
+            with_state = router.db_for_write(MailerState) == alias
+            pending = _insert_with_content(connection, row, data, mailer if with_state else None)
         elif connection.features.can_return_rows_from_bulk_insert:
             OutboxMessage.objects.using(alias).bulk_create(rows)
             contents = [OutboxContent(message=row, data=data) for _, row, data in prepared]
@@ -141,8 +145,9 @@ def store(backend: EmailBackend, messages: Sequence[EmailMessage]) -> int:
                 OutboxContent.objects.using(alias).create(message=row, data=data)
         for message, row, _ in prepared:
             signals.message_queued.send(sender=OutboxMessage, outbox=row, message=message)
-        tasks_alias = options.task_backend
-        transaction.on_commit(lambda: enqueue(mailer, tasks_alias), using=alias)
+        if not pending:
+            tasks_alias = options.task_backend
+            transaction.on_commit(lambda: enqueue(mailer, tasks_alias), using=alias)
     from .email_backend import RESULT_ATTRIBUTE
 
     for message, row, data in prepared:
@@ -154,13 +159,24 @@ def store(backend: EmailBackend, messages: Sequence[EmailMessage]) -> int:
     return len(prepared)
 
 
-def _insert_with_content(connection: Any, row: OutboxMessage, data: bytes) -> None:
+def _insert_with_content(
+    connection: Any, row: OutboxMessage, data: bytes, mailer: str | None
+) -> bool:
     """Insert ``row`` and its content in one statement (PostgreSQL: a data-modifying
     ``WITH``), one round trip instead of two; ``row`` gets its id and counts as saved.
     The values are those ``save()`` would write: each field's ``pre_save()``, then its
     ``get_db_prep_save()`` (which gives a text, number or boolean field's value of that
-    type back unchanged: those are passed as they are)."""
-    sql, fields = _insert_with_content_sql(connection)
+    type back unchanged: those are passed as they are).
+
+    With ``mailer``, the same statement reads whether a run of that mailer is pending
+    (marked less than :data:`RUN_PENDING` ago and not started) and takes a ``FOR KEY
+    SHARE`` lock on its state row, held until the caller's transaction ends; returns
+    whether one is.  Then the caller counts on that run and enqueues nothing: a run that
+    ends while the lock is held sees it and schedules the run that takes this message
+    (:func:`open_requests`).  The lock waits for no other request nor for a run's
+    updates of the row (``FOR NO KEY UPDATE``), and a locking read sees the row as last
+    committed, whatever the statement's snapshot.  Without ``mailer``: False."""
+    sql, fields = _insert_with_content_sql(connection, with_state=mailer is not None)
     params = [
         value
         if plain and type(value) in _PLAIN_TYPES
@@ -169,16 +185,23 @@ def _insert_with_content(connection: Any, row: OutboxMessage, data: bytes) -> No
         for value in (field.pre_save(row, True),)
     ]
     params.append(_CONTENT_DATA.get_db_prep_save(data, connection))
+    if mailer is not None:
+        cutoff = timezone.now() - RUN_PENDING
+        params += [_RUN_REQUESTED.get_db_prep_value(cutoff, connection), mailer]
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
-        (pk,) = cursor.fetchone()
+        pk, pending = cursor.fetchone()
     row.pk = pk
     row._state.adding = False
     row._state.db = connection.alias
+    return bool(pending)
 
 
-_INSERT_SQL: dict[str, tuple[str, list[tuple[Any, bool]]]] = {}
+_INSERT_SQL: dict[tuple[str, bool], tuple[str, list[tuple[Any, bool]]]] = {}
 _CONTENT_DATA: Final = cast("models.BinaryField[Any, Any]", OutboxContent._meta.get_field("data"))
+_RUN_REQUESTED: Final = cast(
+    "models.DateTimeField[Any, Any]", MailerState._meta.get_field("run_requested")
+)
 _PLAIN_TYPES: Final = (str, int, bool)
 _PLAIN_FIELDS: Final = (
     models.CharField,
@@ -188,11 +211,13 @@ _PLAIN_FIELDS: Final = (
 )
 
 
-def _insert_with_content_sql(connection: Any) -> tuple[str, list[tuple[Any, bool]]]:
+def _insert_with_content_sql(
+    connection: Any, *, with_state: bool
+) -> tuple[str, list[tuple[Any, bool]]]:
     """The statement of :func:`_insert_with_content` for ``connection`` (made once per
-    database alias) and the outbox fields whose values it takes, in order, each with
-    whether it is a plain text, number or boolean field."""
-    made = _INSERT_SQL.get(connection.alias)
+    database alias and variant) and the outbox fields whose values it takes, in order, each
+    with whether it is a plain text, number or boolean field."""
+    made = _INSERT_SQL.get((connection.alias, with_state))
     if made is not None:
         return made
     quote = connection.ops.quote_name
@@ -200,15 +225,25 @@ def _insert_with_content_sql(connection: Any) -> tuple[str, list[tuple[Any, bool
     fields = [f for f in meta.concrete_fields if f is not meta.pk]
     content = OutboxContent._meta
     link, data = content.pk, _CONTENT_DATA
+    state = MailerState._meta
+    pending = "FALSE"
+    if with_state:
+        # Names from the models, values bound.
+        pending = (
+            f"(SELECT {quote(_RUN_REQUESTED.column)} >= %s "  # noqa: S608
+            f"FROM {quote(state.db_table)} WHERE {quote(state.pk.column)} = %s FOR KEY SHARE)"
+        )
     # Names from the models, values bound.
     sql = (
         f"WITH stored AS (INSERT INTO {quote(meta.db_table)} "  # noqa: S608
         f"({', '.join(quote(f.column) for f in fields)}) "
-        f"VALUES ({', '.join(['%s'] * len(fields))}) RETURNING {quote(meta.pk.column)}) "
-        f"INSERT INTO {quote(content.db_table)} ({quote(link.column)}, {quote(data.column)}) "
-        f"SELECT {quote(meta.pk.column)}, %s FROM stored RETURNING {quote(link.column)}"
+        f"VALUES ({', '.join(['%s'] * len(fields))}) RETURNING {quote(meta.pk.column)}), "
+        f"kept AS (INSERT INTO {quote(content.db_table)} "
+        f"({quote(link.column)}, {quote(data.column)}) "
+        f"SELECT {quote(meta.pk.column)}, %s FROM stored RETURNING {quote(link.column)}) "
+        f"SELECT (SELECT {quote(link.column)} FROM kept), {pending}"
     )
-    made = _INSERT_SQL[connection.alias] = (
+    made = _INSERT_SQL[(connection.alias, with_state)] = (
         sql,
         [(f, isinstance(f, _PLAIN_FIELDS)) for f in fields],
     )
@@ -292,9 +327,6 @@ def _request_run_update(
     return False if exists else None
 
 
-_RUN_REQUESTED: Final = cast(
-    "models.DateTimeField[Any, Any]", MailerState._meta.get_field("run_requested")
-)
 _UPDATE_SQL: dict[str, str] = {}
 
 
@@ -348,6 +380,40 @@ def run_started(mailer: str) -> None:
     """A run for ``mailer`` starts (before it claims): later commits enqueue again."""
     alias = router.db_for_write(MailerState)
     MailerState.objects.using(alias).filter(mailer=mailer).update(run_requested=None)
+
+
+def open_requests(mailer: str) -> tuple[bool, bool]:
+    """Whether a transaction that stored a message for ``mailer`` counting on a pending
+    run may still be open, and whether a run is pending now; called by a run as it ends.
+
+    Such a transaction holds a ``FOR KEY SHARE`` lock on the mailer's state row until it
+    ends (:func:`_insert_with_content`); this tries ``FOR UPDATE SKIP LOCKED`` on the row,
+    in a transaction or savepoint of its own, rolled back, so the row is not held after.
+    A locked row counts as open (another run updating the row at that moment counts too:
+    one run more, not one less).  Every such transaction found the run pending before
+    the run now ending started, so once none is open, every message counted on it is
+    committed and visible.  PostgreSQL only: elsewhere ``(False, False)`` (each call
+    checks after its commit instead)."""
+    alias = router.db_for_write(MailerState)
+    connection = transaction.get_connection(alias)
+    if connection.vendor != "postgresql":
+        return False, False
+    meta = MailerState._meta
+    quote = connection.ops.quote_name
+    table, key = quote(meta.db_table), quote(meta.pk.column)
+    cutoff = _RUN_REQUESTED.get_db_prep_value(timezone.now() - RUN_PENDING, connection)
+    # Names from the model, values bound.
+    sql = (
+        f"SELECT EXISTS (SELECT 1 FROM {table} WHERE {key} = %s) "  # noqa: S608
+        f"AND NOT EXISTS (SELECT 1 FROM {table} WHERE {key} = %s FOR UPDATE SKIP LOCKED), "
+        f"EXISTS (SELECT 1 FROM {table} WHERE {key} = %s "
+        f"AND {quote(_RUN_REQUESTED.column)} >= %s)"
+    )
+    with transaction.atomic(using=alias), connection.cursor() as cursor:
+        cursor.execute(sql, [mailer, mailer, mailer, cutoff])
+        locked, pending = cursor.fetchone()
+        transaction.set_rollback(True, using=alias)
+    return bool(locked), bool(pending)
 
 
 @task()

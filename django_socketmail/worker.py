@@ -16,7 +16,15 @@ from django.utils import timezone
 from . import signals
 from .limits import Limits, is_throttle
 from .outbox import DUE, OutboxContent, OutboxMessage, OutboxStatus
-from .queue import LEASE, delivery_from_json, enqueue, recover, run_started, sending_backend
+from .queue import (
+    LEASE,
+    delivery_from_json,
+    enqueue,
+    open_requests,
+    recover,
+    run_started,
+    sending_backend,
+)
 from .rows import update_row, update_rows
 from .smtp import SendResult, SendStatus, SocketMailError
 from .smtp.engine import Settled, Write
@@ -40,6 +48,11 @@ BACKOFF_BASE: Final = 60.0
 BACKOFF_MAX: Final = 3600.0
 CONNECT_PAUSE: Final = 30.0
 """Seconds a mailer waits after its server could not be reached (every worker)."""
+FOLLOW_UP: Final = timedelta(seconds=1)
+"""How long after a run ends the run it schedules for requests still open starts (with a
+Tasks backend that can defer), or how long the run waits for them (one that cannot)."""
+OPEN_POLL: Final = 0.02
+"""Seconds between two looks at the requests still open, while waiting for them."""
 
 
 class LeaseLost(Exception):
@@ -335,7 +348,9 @@ class Worker:
 
     def _schedule_next(self, backend: EmailBackend) -> None:
         """Enqueue the next run: now if messages are due, else for the earliest retry (or
-        the end of a pause, a wait for a turn or a slot), when the Tasks backend can defer."""
+        the end of a pause, a wait for a turn or a slot), when the Tasks backend can defer;
+        first, a run for the messages of requests still open (:meth:`_follow_open`)."""
+        self._follow_open(backend.options.task_backend)
         upcoming = (
             OutboxMessage.objects.using(self.alias)
             .filter(mailer=self.mailer, status__in=DUE)
@@ -352,6 +367,30 @@ class Worker:
             enqueue(self.mailer, tasks_alias)
         elif _can_defer(tasks_alias):
             enqueue(self.mailer, tasks_alias, at=upcoming)
+
+    def _follow_open(self, tasks_alias: str) -> None:
+        """A request that found this run pending (PostgreSQL) stored its message without
+        enqueueing anything; while its transaction is open, the message is invisible to
+        this run's claims.  If one is open and no newer run is pending (that one would
+        end with the same look): with a Tasks backend that can defer, enqueue a run
+        :data:`FOLLOW_UP` from now; with one that cannot, wait for the requests to end, up
+        to :data:`FOLLOW_UP`, looking every :data:`OPEN_POLL` seconds, and enqueue a run
+        now if they have not (once they have, the due messages are found below)."""
+        deadline = time.monotonic() + FOLLOW_UP.total_seconds()
+        defer = None
+        while True:
+            still_open, pending = open_requests(self.mailer)
+            if not still_open or pending:
+                return
+            if defer is None:
+                defer = _can_defer(tasks_alias)
+            if defer:
+                enqueue(self.mailer, tasks_alias, at=timezone.now() + FOLLOW_UP)
+                return
+            if time.monotonic() >= deadline:
+                enqueue(self.mailer, tasks_alias)
+                return
+            time.sleep(OPEN_POLL)
 
 
 class _Subject:
