@@ -14,7 +14,10 @@ instead of hanging it.
 
 from __future__ import annotations
 
+import random
 import threading
+import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -251,3 +254,86 @@ def test_without_deferral_the_run_waits_for_the_open_request_then_enqueues(
         assert (row.subject, row.status) == ("open", "sent")
         assert server.wait_closed()
         assert len(server.connections) == 1
+
+
+REQUEST_THREADS = 4
+MESSAGES_PER_THREAD = 15
+
+
+def test_requests_racing_runs_strand_nothing(postgres_database: str) -> None:
+    """Four request threads each queue 15 messages, one per transaction, holding each
+    transaction open a random few milliseconds after the store (the last one 100 to 200
+    ms: the runs it counted on are over by then), while this thread runs
+    every run the "dummy" Tasks backend was given, once due (as a worker honouring
+    ``run_after`` would).  When the requests are done and no run is left to run, every
+    message has been sent, once; runs are counted (printed with ``-s``)."""
+    from django_socketmail.localserver import LocalSMTPServer
+
+    alias = postgres_database
+    seed = random.randrange(1 << 32)
+    print(f"seed {seed}")
+    task_backends["dummy"].clear()
+    with (
+        queue_on(alias),
+        LocalSMTPServer(tls="none", pipelining=True) as server,
+        mailer_at(server, task_backend="dummy"),
+    ):
+        worker_waits_for_no_lock(alias)
+        errors: list[BaseException] = []
+        shared = task_backends["dummy"]  # each thread has its own instance otherwise
+
+        def requests(number: int) -> None:
+            chance = random.Random(seed + number)
+            task_backends["dummy"] = shared
+            try:
+                with connections[alias].cursor() as cursor:
+                    cursor.execute("SET lock_timeout = '3s'")
+                backend = queued()
+                for index in range(MESSAGES_PER_THREAD):
+                    with transaction.atomic(using=alias):
+                        backend.send_messages([message(f"r{number} m{index}")])
+                        last = index == MESSAGES_PER_THREAD - 1
+                        time.sleep(chance.uniform(0.1, 0.2) if last else chance.uniform(0, 0.03))
+                    time.sleep(chance.uniform(0, 0.01))
+            except BaseException as error:  # reported by the test's thread
+                errors.append(error)
+            finally:
+                connections.close_all()
+
+        threads = [
+            threading.Thread(target=requests, args=(n,), name=f"requests {n}")
+            for n in range(REQUEST_THREADS)
+        ]
+        for thread in threads:
+            thread.start()
+        taken = 0
+        runs = 0
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            waiting = dummy_runs()[taken:]
+            due = [
+                r for r in waiting if r.task.run_after is None or r.task.run_after <= timezone.now()
+            ]
+            if due:
+                taken += 1  # the oldest first: results are in the order they came
+                Worker(MAILER).run()
+                runs += 1
+                continue
+            if not waiting and not any(t.is_alive() for t in threads):
+                break
+            time.sleep(0.005)
+        for thread in threads:
+            thread.join(10)
+        assert errors == []
+        statuses = Counter(OutboxMessage.objects.using(alias).values_list("status", flat=True))
+        total = REQUEST_THREADS * MESSAGES_PER_THREAD
+        print(f"{runs} runs for {total} messages; {statuses}")
+        assert statuses == {"sent": total}
+        received = [
+            line
+            for m in server.messages
+            for line in m.data.split(b"\r\n")
+            if line.startswith(b"Subject: ")
+        ]
+        assert len(received) == total and len(set(received)) == total
+    task_backends["dummy"].clear()
