@@ -102,7 +102,9 @@ def store(backend: EmailBackend, messages: Sequence[EmailMessage]) -> int:
     rows then go in with one statement for one message on PostgreSQL, two statements
     whatever their number (the outbox rows, their contents) where the database returns the
     ids of a bulk insert (PostgreSQL, SQLite, MariaDB), in the caller's transaction without
-    a savepoint of their own, or in one of their own in autocommit mode."""
+    a savepoint of their own, or in one of their own in autocommit mode, except for one
+    message on PostgreSQL with no ``message_queued`` receiver: its one statement is atomic
+    by itself and runs without a transaction around it."""
     options = backend.options
     mailer = backend.mailer_alias
     alias = router.db_for_write(OutboxMessage)
@@ -126,6 +128,15 @@ def store(backend: EmailBackend, messages: Sequence[EmailMessage]) -> int:
         prepared.append((message, row, data))
     if not prepared:
         return 0
+    if len(prepared) == 1 and _alone(alias):
+        # One statement is atomic by itself: no transaction of its own to open.
+        message, row, data = prepared[0]
+        connection = transaction.get_connection(alias)
+        with_state = router.db_for_write(MailerState) == alias
+        if not _insert_with_content(connection, row, data, mailer if with_state else None):
+            enqueue(mailer, options.task_backend)
+        _queued(message, row, data)
+        return 1
     rows = [row for _, row, _ in prepared]
     with transaction.atomic(using=alias, savepoint=False):
         connection = transaction.get_connection(alias)
@@ -148,15 +159,32 @@ def store(backend: EmailBackend, messages: Sequence[EmailMessage]) -> int:
         if not pending:
             tasks_alias = options.task_backend
             transaction.on_commit(lambda: enqueue(mailer, tasks_alias), using=alias)
+    for message, row, data in prepared:
+        _queued(message, row, data)
+    return len(prepared)
+
+
+def _alone(alias: str) -> bool:
+    """Whether one message may be stored on ``alias`` by its one statement without a
+    transaction: PostgreSQL in autocommit mode (outside ``atomic()``), and no
+    ``message_queued`` receiver (which runs in the call's transaction, before the
+    commit)."""
+    connection = transaction.get_connection(alias)
+    return (
+        connection.vendor == "postgresql"
+        and not connection.in_atomic_block
+        and connection.get_autocommit()
+        and not signals.message_queued.has_listeners(OutboxMessage)
+    )
+
+
+def _queued(message: EmailMessage, row: OutboxMessage, data: bytes) -> None:
+    """Put the result of a stored message on it: status ``queued`` and its outbox id."""
     from .email_backend import RESULT_ATTRIBUTE
 
-    for message, row, data in prepared:
-        result = SendResult(
-            row.sender, [RecipientResult(r) for r in row.recipients], size=len(data)
-        )
-        result.outbox_id = row.pk
-        setattr(message, RESULT_ATTRIBUTE, result)
-    return len(prepared)
+    result = SendResult(row.sender, [RecipientResult(r) for r in row.recipients], size=len(data))
+    result.outbox_id = row.pk
+    setattr(message, RESULT_ATTRIBUTE, result)
 
 
 def _insert_with_content(

@@ -553,6 +553,51 @@ def test_one_message_is_stored_in_one_statement_on_postgresql(postgres_database:
         OutboxMessage.objects.using(alias).all().delete()
 
 
+@pytest.mark.django_db(transaction=True, databases=["default", ALIAS])
+def test_outside_a_transaction_one_message_is_one_statement_on_postgresql(
+    postgres_database: str,
+) -> None:
+    """In autocommit mode (Django's default: no ``ATOMIC_REQUESTS``, no ``atomic()``) one
+    message on PostgreSQL is stored by its one statement, atomic by itself: no BEGIN, no
+    COMMIT, no transaction of its own.  With a ``message_queued`` receiver (which runs
+    before the commit, in the same transaction, by its contract) the call still opens
+    one, and a receiver that raises leaves nothing stored."""
+    from django.db import connections
+    from django.test import override_settings
+    from django.test.utils import CaptureQueriesContext
+
+    from django_socketmail import signals
+
+    alias = postgres_database
+    pg = connections[alias]
+    with (
+        override_settings(DATABASE_ROUTERS=[OutboxOn(alias)]),
+        socketmail(task_backend="dummy"),
+    ):
+        OutboxMessage.objects.using(alias).all().delete()
+        backend = queued()
+        with CaptureQueriesContext(pg) as ran:
+            assert backend.send_messages([message("alone")]) == 1
+        assert [q["sql"].split()[0].upper() for q in ran.captured_queries] == ["WITH"]
+
+        def refuse(sender: Any, outbox: OutboxMessage, **kwargs: Any) -> None:
+            assert pg.in_atomic_block  # before the commit, in the call's transaction
+            raise RuntimeError("the receiver failed")
+
+        signals.message_queued.connect(refuse)
+        try:
+            with CaptureQueriesContext(pg) as ran, pytest.raises(RuntimeError):
+                backend.send_messages([message("refused")])
+        finally:
+            signals.message_queued.disconnect(refuse)
+        sent = [q["sql"].split()[0].upper() for q in ran.captured_queries]
+        assert sent[0] == "BEGIN" and "WITH" in sent and "COMMIT" not in sent
+        subjects = OutboxMessage.objects.using(alias).values_list("subject", flat=True)
+        assert list(subjects) == ["alone"]
+        assert bytes(OutboxContent.objects.using(alias).get().data).count(b"Subject: alone") == 1
+        OutboxMessage.objects.using(alias).all().delete()
+
+
 class StatesOn:
     """Route the mailers' state rows to ``alias``."""
 
