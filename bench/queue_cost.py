@@ -14,7 +14,9 @@ dummy`` keeps them in memory instead), migrates, and measures:
 
 a. **The request.**  ``send_mail()`` of a 2 KB message to one recipient, each call in its
    own ``transaction.atomic()`` as a view under ``ATOMIC_REQUESTS`` does (commit included),
-   with ``EMAIL_BACKEND`` our backend and ``SOCKETMAIL["queue"] = True``; against Django's
+   then each call on its own as a view in Django's default autocommit mode does (each
+   kind of view in rounds of its own), with ``EMAIL_BACKEND`` our backend and
+   ``SOCKETMAIL["queue"] = True``; against Django's
    own SMTP backend's ``send_mail()`` (a new connection per call, as ``send_mail()`` makes
    one) to aiosmtpd's ``Sink`` in a process of its own (:func:`smtp_process`, plain port:
    an in-process server thread would compete for the GIL with the calls measured), directly
@@ -166,8 +168,26 @@ def queued_call() -> None:
         send_mail("Your order", BODY, SENDER, [RECIPIENT])
 
 
-def django_call(port: int) -> Callable[[], None]:
-    """Django's SMTP backend: send_mail() with a new connection, as send_mail() makes one."""
+def queued_call_autocommit() -> None:
+    """What a view does in Django's default autocommit mode: send_mail(), no transaction."""
+    from django.core.mail import send_mail
+
+    send_mail("Your order", BODY, SENDER, [RECIPIENT])
+
+
+VIEWS: Final = (
+    ("ATOMIC_REQUESTS", queued_call, True),
+    ("autocommit", queued_call_autocommit, False),
+)
+"""The two kinds of view measured: name, our call, whether Django's call is made in a
+transaction too."""
+
+
+def django_call(port: int, *, atomic: bool = True) -> Callable[[], None]:
+    """Django's SMTP backend: send_mail() with a new connection, as send_mail() makes one
+    (in a transaction when ``atomic``, as the view's other call is)."""
+    from contextlib import nullcontext
+
     from django.core.mail import get_connection, send_mail
     from django.db import transaction
 
@@ -175,7 +195,7 @@ def django_call(port: int) -> Callable[[], None]:
         connection = get_connection(
             "django.core.mail.backends.smtp.EmailBackend", host="127.0.0.1", port=port
         )
-        with transaction.atomic():
+        with transaction.atomic() if atomic else nullcontext():
             send_mail("Your order", BODY, SENDER, [RECIPIENT], connection=connection)
 
     return call
@@ -648,7 +668,9 @@ def report(
         f"{_django_version()}; {calls}; load average {load[0]:.1f} at the start, "
         f"{load[1]:.1f} at the end.",
         "",
-        "**a. `send_mail()` in the request** (2 KB, one recipient, own transaction):",
+        "**a. `send_mail()` in the request** (2 KB, one recipient; a view under "
+        "`ATOMIC_REQUESTS`, the call in its transaction, and one in Django's default "
+        "autocommit mode):",
         "",
         "| round trip | `queue=True` median | p95 | CPU | Django SMTP median | p95 | CPU "
         "| ratio (medians) |",
@@ -661,18 +683,24 @@ def report(
             f"{theirs.p95_ms:.2f} ms | {theirs.cpu_median_ms:.2f} ms | "
             f"{theirs.median_ms / ours.median_ms:.1f}x |"
         )
-    stored = rounds[0][3]
-    per_call = stored.calls
-    in_db = (stored.seconds + stored.commit_seconds) / per_call * 1000
     lines += [
         "",
         "CPU: this process's CPU time per call (median); the SMTP server runs in a process "
         "of its own.",
-        "",
-        f"Per queued call at 0 ms: {stored.statements / per_call:.1f} statements "
-        f"({_kinds(stored.kinds, per_call)}) and {stored.commits / per_call:.1f} commit "
-        f"(plus its BEGIN); {in_db:.2f} ms of the call is spent in them (client side), "
-        "the rest is Python (the backend, the message, serializing it).",
+    ]
+    for label, _, _, stored in rounds:
+        if not label.endswith("(loopback)"):
+            continue
+        per_call = stored.calls
+        in_db = (stored.seconds + stored.commit_seconds) / per_call * 1000
+        lines += [
+            "",
+            f"Per queued call ({label}): {stored.statements / per_call:.1f} statements "
+            f"({_kinds(stored.kinds, per_call)}) and {stored.commits / per_call:.1f} commit "
+            f"(each with its BEGIN); {in_db:.2f} ms of the call is spent in them (client "
+            "side), the rest is Python (the backend, the message, serializing it).",
+        ]
+    lines += [
         "",
         f"**b. Delivery by one `Worker('').run()`**: {n} messages stored, "
         f"{delivery.received} received by the server, outcome {delivery.counts}.",
@@ -800,25 +828,34 @@ def main(argv: list[str] | None = None) -> int:
             migrate()
             rounds = []
             with smtp_process() as sink_port:
-                with counted() as stored:
-                    ours, theirs = alternate(
-                        args.calls,
-                        ("queue=True", queued_call),
-                        ("django", django_call(sink_port)),
-                        stored,
+                for view, ours_call, atomic in VIEWS:
+                    with counted() as stored:
+                        ours, theirs = alternate(
+                            args.calls,
+                            ("queue=True", ours_call),
+                            ("django", django_call(sink_port, atomic=atomic)),
+                            stored,
+                        )
+                    rounds.append((f"{view}, 0 ms (loopback)", ours, theirs, stored))
+                    print(
+                        f"{view}, 0 ms: ours {ours.median_ms:.2f} ms, "
+                        f"Django {theirs.median_ms:.2f} ms"
                     )
-                rounds.append(("0 ms (loopback)", ours, theirs, stored))
-                print(f"0 ms: ours {ours.median_ms:.2f} ms, Django {theirs.median_ms:.2f} ms")
                 route = Route("smtp", ("127.0.0.1", sink_port), delay=0.005)
-                with ProxyProcess([route], max_seconds=600) as proxy, counted() as stored_slow:
-                    ours, theirs = alternate(
-                        args.slow_calls,
-                        ("queue=True", queued_call),
-                        ("django", django_call(proxy.port("smtp"))),
-                        stored_slow,
-                    )
-                rounds.append(("10 ms (proxy)", ours, theirs, stored_slow))
-                print(f"10 ms: ours {ours.median_ms:.2f} ms, Django {theirs.median_ms:.2f} ms")
+                with ProxyProcess([route], max_seconds=900) as proxy:
+                    for view, ours_call, atomic in VIEWS:
+                        with counted() as stored_slow:
+                            ours, theirs = alternate(
+                                args.slow_calls,
+                                ("queue=True", ours_call),
+                                ("django", django_call(proxy.port("smtp"), atomic=atomic)),
+                                stored_slow,
+                            )
+                        rounds.append((f"{view}, 10 ms (proxy)", ours, theirs, stored_slow))
+                        print(
+                            f"{view}, 10 ms: ours {ours.median_ms:.2f} ms, "
+                            f"Django {theirs.median_ms:.2f} ms"
+                        )
             delivery = deliver(server, smtp, args.messages)
             backlog = None
             if args.backlog:
