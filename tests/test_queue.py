@@ -7,6 +7,8 @@ themselves.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
 
@@ -16,6 +18,7 @@ from django.core.mail import EmailMessage
 from django.db import transaction
 from django.utils import timezone
 
+from django_socketmail.email_backend import EmailBackend
 from django_socketmail.outbox import OutboxContent, OutboxMessage, OutboxStatus
 from django_socketmail.queue import LEASE, deliver, recover, sending_backend
 from django_socketmail.smtp import SendResult, SendStatus
@@ -494,13 +497,29 @@ class OutboxOn:
     db_for_read = db_for_write
 
 
+@contextmanager
+def queueing_on(alias: str) -> Iterator[EmailBackend]:
+    """The queueing backend (the "dummy" Tasks backend) with the outbox routed to
+    ``alias``, emptied before and after."""
+    from django.test import override_settings
+
+    with (
+        override_settings(DATABASE_ROUTERS=[OutboxOn(alias)]),
+        socketmail(task_backend="dummy"),
+    ):
+        OutboxMessage.objects.using(alias).all().delete()
+        try:
+            yield queued()
+        finally:
+            OutboxMessage.objects.using(alias).all().delete()
+
+
 @pytest.mark.django_db(transaction=True, databases=["default", ALIAS])
 def test_one_message_is_stored_in_one_statement_on_postgresql(postgres_database: str) -> None:
     """On PostgreSQL one message's row and content go in with one statement (a
     data-modifying WITH), holding what the two-statement path writes for the same message;
     a rollback still stores nothing."""
     from django.db import connections
-    from django.test import override_settings
     from django.test.utils import CaptureQueriesContext
 
     from django_socketmail import signals
@@ -512,12 +531,7 @@ def test_one_message_is_stored_in_one_statement_on_postgresql(postgres_database:
 
     alias = postgres_database
     pg = connections[alias]
-    with (
-        override_settings(DATABASE_ROUTERS=[OutboxOn(alias)]),
-        socketmail(task_backend="dummy"),
-    ):
-        OutboxMessage.objects.using(alias).all().delete()
-        backend = queued()
+    with queueing_on(alias) as backend:
         alone, first, second = message("alone"), message("pair one"), message("pair two")
         signals.message_queued.connect(queued_signal)
         try:
@@ -550,7 +564,6 @@ def test_one_message_is_stored_in_one_statement_on_postgresql(postgres_database:
         assert one.message_id.startswith("<") and one.message_id != two.message_id
         data = bytes(OutboxContent.objects.using(alias).get(message_id=one.pk).data)
         assert len(data) == one.size and b"Subject: alone\r\n" in data
-        OutboxMessage.objects.using(alias).all().delete()
 
 
 @pytest.mark.django_db(transaction=True, databases=["default", ALIAS])
@@ -563,19 +576,13 @@ def test_outside_a_transaction_one_message_is_one_statement_on_postgresql(
     before the commit, in the same transaction, by its contract) the call still opens
     one, and a receiver that raises leaves nothing stored."""
     from django.db import connections
-    from django.test import override_settings
     from django.test.utils import CaptureQueriesContext
 
     from django_socketmail import signals
 
     alias = postgres_database
     pg = connections[alias]
-    with (
-        override_settings(DATABASE_ROUTERS=[OutboxOn(alias)]),
-        socketmail(task_backend="dummy"),
-    ):
-        OutboxMessage.objects.using(alias).all().delete()
-        backend = queued()
+    with queueing_on(alias) as backend:
         with CaptureQueriesContext(pg) as ran:
             assert backend.send_messages([message("alone")]) == 1
         assert [q["sql"].split()[0].upper() for q in ran.captured_queries] == ["WITH"]
@@ -595,7 +602,6 @@ def test_outside_a_transaction_one_message_is_one_statement_on_postgresql(
         subjects = OutboxMessage.objects.using(alias).values_list("subject", flat=True)
         assert list(subjects) == ["alone"]
         assert bytes(OutboxContent.objects.using(alias).get().data).count(b"Subject: alone") == 1
-        OutboxMessage.objects.using(alias).all().delete()
 
 
 class StatesOn:
