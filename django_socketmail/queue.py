@@ -62,9 +62,9 @@ from .smtp.address import prepare_address
 from .smtp.delivery import DeliveryOptions
 
 try:  # Django 6.0+
-    from django.tasks import task
+    from django.tasks import task, task_backends
 except ImportError:  # Django 5.2: the django-tasks backport
-    from django_tasks import task  # type: ignore[no-redef]
+    from django_tasks import task, task_backends  # type: ignore[no-redef,assignment]
 
 if TYPE_CHECKING:
     from django.core.mail import EmailMessage
@@ -74,6 +74,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "LEASE",
+    "can_defer",
     "deliver",
     "delivery_from_json",
     "enqueue",
@@ -128,13 +129,15 @@ def store(backend: EmailBackend, messages: Sequence[EmailMessage]) -> int:
         prepared.append((message, row, data))
     if not prepared:
         return 0
+    tasks_alias = options.task_backend
+    # The statement storing one message reads the pending run itself when it can.
+    counted_on = mailer if _reads_pending(alias, tasks_alias) else None
     if len(prepared) == 1 and _alone(alias):
         # One statement is atomic by itself: no transaction of its own to open.
         message, row, data = prepared[0]
         connection = transaction.get_connection(alias)
-        with_state = router.db_for_write(MailerState) == alias
-        if not _insert_with_content(connection, row, data, mailer if with_state else None):
-            enqueue(mailer, options.task_backend)
+        if not _insert_with_content(connection, row, data, counted_on):
+            enqueue(mailer, tasks_alias)
         _queued(message, row, data)
         return 1
     rows = [row for _, row, _ in prepared]
@@ -143,9 +146,7 @@ def store(backend: EmailBackend, messages: Sequence[EmailMessage]) -> int:
         pending = False
         if len(prepared) == 1 and connection.vendor == "postgresql":
             _, row, data = prepared[0]
-            # The pending-run check rides along when the mailer's state row is there too.
-            with_state = router.db_for_write(MailerState) == alias
-            pending = _insert_with_content(connection, row, data, mailer if with_state else None)
+            pending = _insert_with_content(connection, row, data, counted_on)
         elif connection.features.can_return_rows_from_bulk_insert:
             OutboxMessage.objects.using(alias).bulk_create(rows)
             contents = [OutboxContent(message=row, data=data) for _, row, data in prepared]
@@ -157,11 +158,25 @@ def store(backend: EmailBackend, messages: Sequence[EmailMessage]) -> int:
         for message, row, _ in prepared:
             signals.message_queued.send(sender=OutboxMessage, outbox=row, message=message)
         if not pending:
-            tasks_alias = options.task_backend
             transaction.on_commit(lambda: enqueue(mailer, tasks_alias), using=alias)
     for message, row, data in prepared:
         _queued(message, row, data)
     return len(prepared)
+
+
+def _reads_pending(alias: str, tasks_alias: str) -> bool:
+    """Whether the statement storing one message on PostgreSQL may read the pending run
+    itself (:func:`_insert_with_content`): the mailers' state rows are on ``alias`` too,
+    and the Tasks backend ``tasks_alias`` can defer a task.  A run that ends while such a
+    request is still open enqueues the next run for a little later; with a backend that
+    cannot defer (Django's immediate one) it could only wait for the request, so there the
+    check stays after the commit."""
+    return router.db_for_write(MailerState) == alias and can_defer(tasks_alias)
+
+
+def can_defer(tasks_alias: str) -> bool:
+    """Whether the Tasks backend ``tasks_alias`` runs a task at a later time given to it."""
+    return bool(getattr(task_backends[tasks_alias], "supports_defer", False))
 
 
 def _alone(alias: str) -> bool:

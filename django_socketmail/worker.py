@@ -18,6 +18,7 @@ from .limits import Limits, is_throttle
 from .outbox import DUE, OutboxContent, OutboxMessage, OutboxStatus
 from .queue import (
     LEASE,
+    can_defer,
     delivery_from_json,
     enqueue,
     open_requests,
@@ -365,7 +366,7 @@ class Worker:
         tasks_alias = backend.options.task_backend
         if upcoming <= timezone.now():
             enqueue(self.mailer, tasks_alias)
-        elif _can_defer(tasks_alias):
+        elif can_defer(tasks_alias):
             enqueue(self.mailer, tasks_alias, at=upcoming)
 
     def _follow_open(self, tasks_alias: str) -> None:
@@ -383,7 +384,7 @@ class Worker:
             if not still_open or pending:
                 return
             if defer is None:
-                defer = _can_defer(tasks_alias)
+                defer = can_defer(tasks_alias)
             if defer:
                 enqueue(self.mailer, tasks_alias, at=timezone.now() + FOLLOW_UP)
                 return
@@ -426,14 +427,6 @@ def _reply_of(error: BaseException | None) -> Any:
     if replies:
         return next(iter(replies.values()))
     return None
-
-
-def _can_defer(tasks_alias: str) -> bool:
-    try:
-        from django.tasks import task_backends
-    except ImportError:
-        from django_tasks import task_backends  # type: ignore[assignment]
-    return bool(getattr(task_backends[tasks_alias], "supports_defer", False))
 
 
 def _server_failed(error: BaseException | None) -> bool:

@@ -31,6 +31,7 @@ from django.utils import timezone
 
 from django_socketmail import queue, worker
 from django_socketmail.outbox import MailerSlot, MailerState, OutboxMessage
+from django_socketmail.serializer import serialize
 from django_socketmail.worker import Worker
 
 from .hostile.server import HostileSMTPServer, standard_session
@@ -93,13 +94,18 @@ def dummy_runs() -> list[Any]:
 
 class OpenRequest:
     """A request in a thread of its own that queues one message in its transaction and
-    holds the transaction open until :meth:`commit` (or the end of :func:`queue_on`)."""
+    holds the transaction open until :meth:`commit` (or the end of :func:`queue_on`).
+
+    ``counting``: the message is stored as a call counting on the pending run does (the
+    statement that reads the run and locks the state row, nothing enqueued), whatever the
+    Tasks backend configured."""
 
     started: list[OpenRequest] = []
 
-    def __init__(self, alias: str, subject: str) -> None:
+    def __init__(self, alias: str, subject: str, *, counting: bool = False) -> None:
         self.alias = alias
         self.subject = subject
+        self.counting = counting
         self.stored = threading.Event()
         self.release = threading.Event()
         self.error: BaseException | None = None
@@ -115,7 +121,10 @@ class OpenRequest:
             with connection.cursor() as cursor:
                 cursor.execute("SET lock_timeout = '3s'")
             with transaction.atomic(using=self.alias):
-                assert queued().send_messages([message(self.subject)]) == 1
+                if self.counting:
+                    self._store_counting(connection)
+                else:
+                    assert queued().send_messages([message(self.subject)]) == 1
                 self.stored.set()
                 self.release.wait(10)
         except BaseException as error:  # reported by the test's thread
@@ -123,6 +132,17 @@ class OpenRequest:
             self.stored.set()
         finally:
             connections.close_all()
+
+    def _store_counting(self, connection: Any) -> None:
+        data = serialize(message(self.subject))
+        row = OutboxMessage(
+            mailer=MAILER,
+            sender="shop@example.com",
+            recipients=["a@example.com"],
+            subject=self.subject,
+            size=len(data),
+        )
+        assert queue._insert_with_content(connection, row, data, MAILER) is True
 
     def commit(self) -> None:
         self.release.set()
@@ -227,21 +247,45 @@ def test_a_run_found_pending_again_takes_over_the_open_requests(
     task_backends["dummy"].clear()
 
 
-def test_without_deferral_the_run_waits_for_the_open_request_then_enqueues(
-    postgres_database: str,
-) -> None:
-    """With a Tasks backend that cannot defer (here the immediate one, which runs a task
-    when it is enqueued) the ending run waits for the open request, up to
-    ``worker.FOLLOW_UP``, then enqueues a run at once: the message is sent by the
-    time the run returns."""
-    alias = postgres_database
+@contextmanager
+def immediate_mailer_pending(alias: str) -> Iterator[HostileSMTPServer]:
+    """The queue on ``alias``, the mailer sending to a scripted server for one session,
+    with the immediate Tasks backend (which cannot defer), and a run marked pending."""
     with (
         queue_on(alias),
         HostileSMTPServer([standard_session()]) as server,
         mailer_at(server, task_backend="default"),
     ):
         assert queue._request_run(MAILER) is True
-        request = OpenRequest(alias, "open")
+        yield server
+
+
+def test_without_deferral_the_call_checks_after_its_commit(postgres_database: str) -> None:
+    """With a Tasks backend that cannot defer (the immediate one, which runs a task when
+    it is enqueued), a run that found a request open could only wait for it: the call does
+    not count on a pending run, and checks after its commit as on other databases."""
+    alias = postgres_database
+    with immediate_mailer_pending(alias):
+        with CaptureQueriesContext(connections[alias]) as ran, transaction.atomic(using=alias):
+            assert queued().send_messages([message("immediate")]) == 1
+            stored = [q["sql"] for q in ran.captured_queries if q["sql"].startswith("WITH")]
+            assert len(stored) == 1 and "FOR KEY SHARE" not in stored[0]
+        after = [q["sql"] for q in ran.captured_queries[len(stored) :]]
+        assert any("run_requested" in sql for sql in after)  # the check after the commit
+        assert queue._reads_pending(alias, "dummy") is True
+        assert queue._reads_pending(alias, "default") is False
+
+
+def test_without_deferral_the_run_waits_for_the_open_request_then_enqueues(
+    postgres_database: str,
+) -> None:
+    """If a request counting on a pending run is open anyway when a run ends, with a Tasks
+    backend that cannot defer (here the immediate one) the run waits for it, up to
+    ``worker.FOLLOW_UP``, then enqueues a run at once: the message is sent by the time
+    the run returns."""
+    alias = postgres_database
+    with immediate_mailer_pending(alias) as server:
+        request = OpenRequest(alias, "open", counting=True)
         timer = threading.Timer(0.3, request.release.set)
         timer.start()
         worker_waits_for_no_lock(alias)
