@@ -431,7 +431,8 @@ def open_requests(mailer: str) -> tuple[bool, bool]:
 
     Such a transaction holds a ``FOR KEY SHARE`` lock on the mailer's state row until it
     ends (:func:`_insert_with_content`); this tries ``FOR UPDATE SKIP LOCKED`` on the row,
-    in a transaction or savepoint of its own, rolled back, so the row is not held after.
+    in one statement in autocommit mode, else in a savepoint of its own, rolled back: the
+    row is not held after.
     A locked row counts as open (another run updating the row at that moment counts too:
     one run more, not one less).  Every such transaction found the run pending before
     the run now ending started, so once none is open, every message counted on it is
@@ -452,8 +453,14 @@ def open_requests(mailer: str) -> tuple[bool, bool]:
         f"EXISTS (SELECT 1 FROM {table} WHERE {key} = %s "
         f"AND {quote(_RUN_REQUESTED.column)} >= %s)"
     )
+    params = [mailer, mailer, mailer, cutoff]
+    if not connection.in_atomic_block and connection.get_autocommit():
+        with connection.cursor() as cursor:  # the statement's lock ends with it
+            cursor.execute(sql, params)
+            locked, pending = cursor.fetchone()
+        return bool(locked), bool(pending)
     with transaction.atomic(using=alias), connection.cursor() as cursor:
-        cursor.execute(sql, [mailer, mailer, mailer, cutoff])
+        cursor.execute(sql, params)
         locked, pending = cursor.fetchone()
         transaction.set_rollback(True, using=alias)
     return bool(locked), bool(pending)

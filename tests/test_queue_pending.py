@@ -151,6 +151,34 @@ class OpenRequest:
         assert self.error is None, self.error
 
 
+def row_locked_by_another(alias: str, *, exclusive: bool) -> bool:
+    """Whether another connection finds the mailer's state row locked against ``FOR
+    UPDATE NOWAIT`` (``exclusive``) or ``FOR KEY SHARE NOWAIT`` (what a request takes)."""
+    found: list[bool] = []
+    mode = "UPDATE" if exclusive else "KEY SHARE"
+
+    def look() -> None:
+        from django.db import OperationalError
+
+        try:
+            with transaction.atomic(using=alias), connections[alias].cursor() as cursor:
+                table = MailerState._meta.db_table
+                cursor.execute(
+                    f"SELECT 1 FROM {table} WHERE mailer = %s FOR {mode} NOWAIT",
+                    [MAILER],
+                )
+            found.append(False)
+        except OperationalError:
+            found.append(True)
+        finally:
+            connections.close_all()
+
+    thread = threading.Thread(target=look)
+    thread.start()
+    thread.join(10)
+    return found == [True]
+
+
 def worker_waits_for_no_lock(alias: str) -> None:
     with connections[alias].cursor() as cursor:
         cursor.execute("SET lock_timeout = '3s'")
@@ -210,8 +238,16 @@ def test_a_run_ending_while_requests_that_counted_on_it_are_open_defers_another(
         run_after = runs[0].task.run_after
         assert run_after is not None
         assert before + worker.FOLLOW_UP <= run_after <= timezone.now() + worker.FOLLOW_UP
+        # The same look from inside a transaction: in a savepoint, rolled back, so the row
+        # is not held by it afterwards.
+        with transaction.atomic(using=alias):
+            assert queue.open_requests(MAILER) == (True, False)
+            assert not row_locked_by_another(alias, exclusive=False)
         first.commit()
         second.commit()
+        with transaction.atomic(using=alias):
+            assert queue.open_requests(MAILER) == (False, False)
+            assert not row_locked_by_another(alias, exclusive=True)
         assert len(dummy_runs()) == 1  # the commits enqueued nothing: the run follows
         assert Worker(MAILER).run() == {"sent": 2}
         assert server.wait_closed()
