@@ -39,6 +39,7 @@ import email.contentmanager
 import email.headerregistry
 import email.message
 import email.policy
+import functools
 import itertools
 import logging
 import random
@@ -46,10 +47,13 @@ import re
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from email.utils import formatdate, make_msgid
 from typing import TYPE_CHECKING, Any, Final, cast
 
 import django
 from django.conf import settings
+from django.core.mail import message as django_mail
+from django.core.mail.utils import DNS_NAME
 
 from .smtp.content import crlf_line_breaks
 
@@ -87,6 +91,10 @@ _LONG_LINE_BYTES: Final = 998
 
 def serialize(message: EmailMessage) -> bytes:
     """The message as bytes with CRLF line endings, as Django's own SMTP backend makes it."""
+    if not _MODERN_MESSAGE and _plain_text_checked():
+        written = _plain_text(message)
+        if written is not None:
+            return written
     if _SMTP_POLICY is email.policy.SMTP:
         return _as_bytes(_build(message, email.policy.SMTP))
     try:
@@ -120,6 +128,126 @@ def serialize_parts(
         # after a boundary found in a payload, that is what it needs.
         return [serialize(message)]
     return parts
+
+
+def _plain_text(
+    message: EmailMessage, *, date: str | None = None, message_id: str | None = None
+) -> bytes | None:
+    """Django 5.2's bytes for the commonest message, written directly; None when the
+    message is not of that shape (then Django builds it).
+
+    The shape: a Django ``EmailMessage`` or ``EmailMultiAlternatives`` itself (no
+    subclass), no attachment or alternative, ``text/plain`` in ``utf-8``, an ASCII body
+    with no line over 998 characters (Django writes it as ``7bit``), and every header one
+    that ``compat32`` writes unchanged on one line (:data:`_PLAIN_VALUE`, at most 78
+    characters with its name; a subject with single spaces only), none of the headers
+    Django builds itself given again in ``extra_headers`` (``Date`` and ``Message-ID``
+    may be).  Django's ``message()`` and the stdlib's generator take about half of a
+    queued call's CPU for such a message.  ``date`` and ``message_id`` replace the ones
+    made here (for :func:`_check_plain_text`); :func:`_check_plain_text` compares the
+    bytes with Django's once per process, and ``tests/test_serializer.py`` on random
+    messages."""
+    if type(message) not in _PLAIN_CLASSES or message.attachments:
+        return None
+    if getattr(message, "alternatives", None) or message.content_subtype != "plain":
+        return None
+    if (message.encoding or settings.DEFAULT_CHARSET) != "utf-8":
+        return None
+    body = message.body
+    if type(body) is not str or not body.isascii():
+        return None
+    if any(len(line) > _LONG_LINE_BYTES for line in body.splitlines()):
+        return None
+    extra = message.extra_headers
+    given = set()
+    for name in extra:
+        if type(name) is not str or not _HEADER_NAME.match(name):
+            return None
+        given.add(name.lower())
+    if given & _BUILT_HEADERS:
+        return None
+    subject = str(message.subject)
+    if not _PLAIN_SUBJECT.match(subject):
+        return None
+    headers = [("Subject", subject), ("From", str(message.from_email))]
+    for name, values in (("To", message.to), ("Cc", message.cc), ("Reply-To", message.reply_to)):
+        if values:
+            headers.append((name, ", ".join(str(v) for v in values)))
+    if "date" not in given:
+        headers.append(("Date", date or formatdate(localtime=settings.EMAIL_USE_LOCALTIME)))
+    if "message-id" not in given:
+        headers.append(("Message-ID", message_id or make_msgid(domain=DNS_NAME)))
+    headers.extend((name, str(value)) for name, value in extra.items())
+    lines = [*_PLAIN_TEXT_HEAD]
+    for name, value in headers:
+        if len(name) + len(value) + 2 > _LINE_LIMIT or not _PLAIN_VALUE.match(value):
+            return None
+        lines.append(f"{name}: {value}")
+    lines += ["", "\r\n".join(_LINE_BREAK.split(body))]  # the generator's line breaks
+    return "\r\n".join(lines).encode("ascii")
+
+
+_PLAIN_CLASSES: Final = (django_mail.EmailMessage, django_mail.EmailMultiAlternatives)
+_PLAIN_TEXT_HEAD: Final = (
+    'Content-Type: text/plain; charset="utf-8"',
+    "MIME-Version: 1.0",
+    "Content-Transfer-Encoding: 7bit",
+)
+_BUILT_HEADERS: Final = frozenset(
+    {
+        "from",
+        "to",
+        "cc",
+        "reply-to",
+        "subject",
+        "content-type",
+        "mime-version",
+        "content-transfer-encoding",
+    }
+)
+"""Headers Django builds itself: given again in ``extra_headers``, they take Django's path."""
+_HEADER_NAME: Final = re.compile(r"[\x21-\x39\x3b-\x7e]+\Z")
+_PLAIN_SUBJECT: Final = re.compile(r"[\x21-\x7e]+(?: [\x21-\x7e]+)*\Z")
+_LINE_LIMIT: Final = 78
+"""``compat32``'s ``max_line_length``."""
+
+
+@functools.cache
+def _plain_text_checked() -> bool:
+    """Whether :func:`_plain_text` writes what Django's path writes, on samples: checked
+    once per process, at the first message (it needs the settings)."""
+    try:
+        return _check_plain_text()
+    except Exception:  # any failure means: not the internals checked
+        return False
+
+
+def _check_plain_text() -> bool:
+    date, message_id = "Tue, 01 Jul 2025 12:00:00 -0000", "<1.2.3@plain.example>"
+    samples = [
+        django_mail.EmailMessage(
+            "Your order", "Hello,\n\nthanks.\n", "Shop <shop@example.com>", ["a@example.com"]
+        ),
+        django_mail.EmailMessage(
+            "Re: x",
+            "a\r\nb\rc\n\nlast line, no break",
+            "shop@example.com",
+            ["a@example.com", "B <b@example.com>"],
+            cc=["c@example.com"],
+            reply_to=["r@example.com"],
+            headers={"X-Tag": "one two", "List-Id": "<list.example.com>"},
+        ),
+        django_mail.EmailMultiAlternatives("s", "", "shop@example.com", ["a@example.com"]),
+    ]
+    for sample in samples:
+        sample.encoding = "utf-8"
+        written = _plain_text(sample, date=date, message_id=message_id)
+        sample.extra_headers = {"Date": date, "Message-ID": message_id, **sample.extra_headers}
+        if written is None or written != _as_bytes(
+            _build(sample, email.policy.SMTP), fast_fold=False
+        ):
+            return False
+    return True
 
 
 _DRIFT_ERRORS: Final = (TypeError, AttributeError, LookupError, ValueError)

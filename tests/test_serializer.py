@@ -1008,3 +1008,107 @@ def test_a_compat32_folding_differently_turns_the_fast_fold_off(
     data = module.serialize(message)
     assert b"Subject:Your order\r\n" in data
     assert data == reference(message)
+
+
+# -- Django 5.2's plain text messages, written directly --------------------------------------
+
+ADDRESS = st.from_regex(r"[a-z]{1,8}@[a-z]{1,8}\.example", fullmatch=True)
+NAMED = st.builds("{} <{}>".format, st.from_regex(r"[A-Z][a-z]{1,8}", fullmatch=True), ADDRESS)
+ASCII_LINE = st.one_of(
+    st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=30),
+    st.builds(lambda n: "l" * n, st.integers(990, 1000)),  # around the 998 limit
+    st.sampled_from(["\t tab", "\x0c form feed", "trailing  "]),
+)
+
+
+@st.composite
+def plain_messages(draw: st.DrawFn) -> EmailMessage:
+    """Messages of (and around) the shape :func:`serializer._plain_text` writes: ASCII
+    bodies with every line ending, subjects and addresses that fit their line or not,
+    extra headers, Date and Message-ID given as in :data:`HEADERS`."""
+    lines = draw(st.lists(ASCII_LINE, max_size=6))
+    breaks = draw(st.lists(st.sampled_from(["\n", "\r\n", "\r"]), min_size=len(lines)))
+    body = "".join(line + brk for line, brk in zip(lines, breaks, strict=False))
+    if draw(st.booleans()):
+        body += draw(ASCII_LINE)  # no line break at the end
+    subject = draw(
+        st.one_of(
+            st.from_regex(r"[!-~]{1,12}( [!-~]{1,12}){0,5}", fullmatch=True),
+            st.sampled_from(["two  spaces", " leading", "", "x" * 70]),
+        )
+    )
+    extra = draw(
+        st.dictionaries(
+            st.sampled_from(["X-Tag", "List-Id", "X-Priority"]),
+            st.from_regex(r"[!-~]{1,20}( [!-~]{1,20}){0,3}", fullmatch=True),
+            max_size=2,
+        )
+    )
+    cls = draw(st.sampled_from([EmailMessage, EmailMultiAlternatives]))
+    return cls(
+        subject,
+        body,
+        draw(st.one_of(ADDRESS, NAMED)),
+        draw(st.lists(st.one_of(ADDRESS, NAMED), min_size=1, max_size=3)),
+        cc=draw(st.lists(ADDRESS, max_size=2)),
+        reply_to=draw(st.lists(ADDRESS, max_size=1)),
+        headers={**HEADERS, **extra},
+    )
+
+
+@pytest.mark.skipif(django.VERSION >= (6, 0), reason="Django 5.2's compat32 messages only")
+@SETTINGS
+@given(plain_messages())
+def test_plain_text_messages_are_djangos_bytes(message: EmailMessage) -> None:
+    expected = reference(message)
+    assert serialize(message) == expected
+    assert b"".join(serialize_parts(message)) == expected
+    written = serializer_module._plain_text(message)
+    assert written is None or written == expected
+
+
+@pytest.mark.skipif(django.VERSION >= (6, 0), reason="Django 5.2's compat32 messages only")
+def test_a_plain_text_message_is_written_directly() -> None:
+    message = EmailMessage(
+        "Your order",
+        "Hello,\n\nthanks.\n",
+        "Shop <shop@example.com>",
+        ["a@example.com"],
+        headers=HEADERS,
+    )
+    assert serializer_module._plain_text_checked() is True
+    written = serializer_module._plain_text(message)
+    assert written is not None and written == reference(message)
+    # Outside the shape: Django's path.
+    for other in (
+        EmailMessage("Your order ✓", "x", "a@example.com", ["b@example.com"]),
+        EmailMessage("s", "é", "a@example.com", ["b@example.com"]),
+        EmailMessage("s", "x" * 999, "a@example.com", ["b@example.com"]),
+        EmailMessage("s", "x", "a@example.com", ["b@example.com"], headers={"To": "c@x.y"}),
+    ):
+        assert serializer_module._plain_text(other) is None
+
+
+@pytest.mark.skipif(django.VERSION >= (6, 0), reason="Django 5.2's compat32 messages only")
+def test_a_django_writing_plain_text_otherwise_turns_the_direct_path_off(
+    drift: pytest.MonkeyPatch,
+) -> None:
+    # A future Django that adds a header to every text part: the check at the first
+    # message sees the difference, and Django's path writes every message again.
+    from django.core.mail import message as django_message
+
+    stock = django_message.SafeMIMEText.__init__
+
+    def future(self: Any, *args: Any, **kwargs: Any) -> None:
+        stock(self, *args, **kwargs)
+        self["X-Future"] = "1"
+
+    drift.setattr(django_message.SafeMIMEText, "__init__", future)
+    module = reimported()
+    assert module._plain_text_checked() is False
+    message = EmailMessage(
+        "Your order", "Hello", "a@example.com", ["b@example.com"], headers=HEADERS
+    )
+    data = module.serialize(message)
+    assert b"X-Future: 1\r\n" in data
+    assert data == reference(message)
