@@ -45,6 +45,7 @@ from __future__ import annotations
 import logging
 import secrets
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import asdict
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Final, cast
@@ -130,21 +131,21 @@ def store(backend: EmailBackend, messages: Sequence[EmailMessage]) -> int:
     if not prepared:
         return 0
     tasks_alias = options.task_backend
-    # The statement storing one message reads the pending run itself when it can.
-    counted_on = mailer if _reads_pending(alias, tasks_alias) else None
-    if len(prepared) == 1 and _alone(alias):
-        # One statement is atomic by itself: no transaction of its own to open.
+    connection = transaction.get_connection(alias)
+    # One message on PostgreSQL: one statement, which reads the pending run itself when it
+    # can (and runs alone when nothing needs a transaction around it).
+    single = len(prepared) == 1 and connection.vendor == "postgresql"
+    counted_on = mailer if single and _reads_pending(alias, tasks_alias) else None
+    if single and _alone(connection):
         message, row, data = prepared[0]
-        connection = transaction.get_connection(alias)
         if not _insert_with_content(connection, row, data, counted_on):
             enqueue(mailer, tasks_alias)
         _queued(message, row, data)
         return 1
     rows = [row for _, row, _ in prepared]
     with transaction.atomic(using=alias, savepoint=False):
-        connection = transaction.get_connection(alias)
         pending = False
-        if len(prepared) == 1 and connection.vendor == "postgresql":
+        if single:
             _, row, data = prepared[0]
             pending = _insert_with_content(connection, row, data, counted_on)
         elif connection.features.can_return_rows_from_bulk_insert:
@@ -179,15 +180,12 @@ def can_defer(tasks_alias: str) -> bool:
     return bool(getattr(task_backends[tasks_alias], "supports_defer", False))
 
 
-def _alone(alias: str) -> bool:
-    """Whether one message may be stored on ``alias`` by its one statement without a
-    transaction: PostgreSQL in autocommit mode (outside ``atomic()``), and no
-    ``message_queued`` receiver (which runs in the call's transaction, before the
-    commit)."""
-    connection = transaction.get_connection(alias)
+def _alone(connection: Any) -> bool:
+    """Whether one message may be stored by its one statement without a transaction:
+    ``connection`` in autocommit mode (outside ``atomic()``), and no ``message_queued``
+    receiver (which runs in the call's transaction, before the commit)."""
     return (
-        connection.vendor == "postgresql"
-        and not connection.in_atomic_block
+        not connection.in_atomic_block
         and connection.get_autocommit()
         and not signals.message_queued.has_listeners(OutboxMessage)
     )
@@ -453,16 +451,17 @@ def open_requests(mailer: str) -> tuple[bool, bool]:
         f"EXISTS (SELECT 1 FROM {table} WHERE {key} = %s "
         f"AND {quote(_RUN_REQUESTED.column)} >= %s)"
     )
-    params = [mailer, mailer, mailer, cutoff]
-    if not connection.in_atomic_block and connection.get_autocommit():
-        with connection.cursor() as cursor:  # the statement's lock ends with it
-            cursor.execute(sql, params)
-            locked, pending = cursor.fetchone()
-        return bool(locked), bool(pending)
-    with transaction.atomic(using=alias), connection.cursor() as cursor:
-        cursor.execute(sql, params)
+    # In autocommit mode the statement's lock ends with it; in a transaction, with the
+    # savepoint rolled back.
+    inside = connection.in_atomic_block or not connection.get_autocommit()
+    with (
+        transaction.atomic(using=alias) if inside else nullcontext(),
+        connection.cursor() as cursor,
+    ):
+        cursor.execute(sql, [mailer, mailer, mailer, cutoff])
         locked, pending = cursor.fetchone()
-        transaction.set_rollback(True, using=alias)
+        if inside:
+            transaction.set_rollback(True, using=alias)
     return bool(locked), bool(pending)
 
 

@@ -182,16 +182,17 @@ def _plain_text(
     for name, value in headers:
         if len(name) + len(value) + 2 > _LINE_LIMIT or not _PLAIN_VALUE.match(value):
             return None
-        lines.append(f"{name}: {value}")
-    lines += ["", "\r\n".join(_LINE_BREAK.split(body))]  # the generator's line breaks
-    return "\r\n".join(lines).encode("ascii")
+        lines.append(f"{name}: {value}\r\n")
+    lines.append("\r\n")
+    # The generator's line breaks: CRLF for each, none added at the end.
+    return "".join(lines).encode("ascii") + crlf_line_breaks(body.encode("ascii"))
 
 
 _PLAIN_CLASSES: Final = (django_mail.EmailMessage, django_mail.EmailMultiAlternatives)
 _PLAIN_TEXT_HEAD: Final = (
-    'Content-Type: text/plain; charset="utf-8"',
-    "MIME-Version: 1.0",
-    "Content-Transfer-Encoding: 7bit",
+    'Content-Type: text/plain; charset="utf-8"\r\n',
+    "MIME-Version: 1.0\r\n",
+    "Content-Transfer-Encoding: 7bit\r\n",
 )
 _BUILT_HEADERS: Final = frozenset(
     {
@@ -208,8 +209,7 @@ _BUILT_HEADERS: Final = frozenset(
 """Headers Django builds itself: given again in ``extra_headers``, they take Django's path."""
 _HEADER_NAME: Final = re.compile(r"[\x21-\x39\x3b-\x7e]+\Z")
 _PLAIN_SUBJECT: Final = re.compile(r"[\x21-\x7e]+(?: [\x21-\x7e]+)*\Z")
-_LINE_LIMIT: Final = 78
-"""``compat32``'s ``max_line_length``."""
+_LINE_LIMIT: Final = cast(int, email.policy.compat32.max_line_length)
 
 
 @functools.cache
